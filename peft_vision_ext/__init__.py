@@ -1,0 +1,14 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""peft-vision-ext: parameter-efficient fine-tuning methods for vision segmentation models, as peft plug-ins.
+
+Importing this package registers every method with stock peft, so that ``get_peft_model``, ``PeftModel.from_pretrained``
+and the rest of peft's workflow accept our configs.
+"""
+
+__version__ = "0.1.0"
+
+from .tuners import ConvAdapterConfig, ConvAdapterModel  # noqa: E402  (registers the methods)
+from . import models  # noqa: E402,F401  (registers the models with the transformers Auto classes)
+
+
+__all__ = ["ConvAdapterConfig", "ConvAdapterModel", "__version__"]

@@ -1,0 +1,269 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""A U-Net with any timm ``features_only`` encoder, as a transformers ``PreTrainedModel``.
+
+The seed paper (000) adapts U-Nets with ResNet-18 and VGG-19 encoders. Here the encoder is any timm model that
+supports ``features_only``; the decoder asks it for its feature channels and reductions (``feature_info``) and wires
+encoder -> decoder -> head. Because it is a ``PreTrainedModel``, ``save_pretrained``/``from_pretrained``,
+``push_to_hub`` and ``Trainer`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+
+DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+# Set while `from_pretrained` builds the model: the weights come from the checkpoint, so timm must not download.
+_LOADING_CHECKPOINT = contextvars.ContextVar("peft_vision_ext_loading_checkpoint", default=False)
+
+
+class UNetConfig(PretrainedConfig):
+    """Configuration of [`UNetForSemanticSegmentation`].
+
+    Args:
+        encoder_name (`str`): a timm model name that supports ``features_only`` (e.g. ``"resnet18"``, ``"vgg19"``,
+            ``"vgg19_bn"``, ``"efficientnet_b0"``, ``"convnext_tiny"``).
+        encoder_pretrained (`bool`): load timm's pretrained weights for the encoder when the model is first built
+            (needs network access to the Hugging Face Hub; ignored by ``from_pretrained``, whose checkpoint holds the
+            weights).
+        encoder_kwargs (`dict`, *optional*): extra keyword arguments for ``timm.create_model`` (e.g. ``out_indices``).
+        in_channels (`int`): number of input channels.
+        decoder_channels (`list[int]`, *optional*): output channels of each decoder block, deepest first. One block
+            per skip connection, plus one that returns to full resolution when the shallowest feature is strided.
+            Defaults to ``(256, 128, 64, 32, 16)`` truncated (or extended with 16) to the number of blocks.
+        num_labels (`int`): number of classes (from ``PretrainedConfig``; ``id2label``/``label2id`` work too).
+        semantic_loss_ignore_index (`int`): label value ignored by the cross-entropy loss.
+        conv_bias_modules (`list[str]`, *optional*): convs that carry a bias created by adapter fusion
+            (``merge_and_unload`` of conv adapters fills it); the model recreates those biases when it is built.
+    """
+
+    model_type = "pve_unet"
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet18",
+        encoder_pretrained: bool = False,
+        encoder_kwargs: dict | None = None,
+        in_channels: int = 3,
+        decoder_channels: Sequence[int] | None = None,
+        semantic_loss_ignore_index: int = 255,
+        conv_bias_modules: Sequence[str] | None = None,
+        **kwargs,
+    ) -> None:
+        if not isinstance(encoder_name, str) or not encoder_name:
+            raise ValueError(f"`encoder_name` must be a timm model name such as 'resnet18', got {encoder_name!r}.")
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"`in_channels` must be a positive int, got {in_channels!r}.")
+        if decoder_channels is not None:
+            decoder_channels = list(decoder_channels)
+            if not decoder_channels or not all(isinstance(c, int) and c > 0 for c in decoder_channels):
+                raise ValueError(f"`decoder_channels` must be positive ints, got {decoder_channels!r}.")
+        self.encoder_name = encoder_name
+        self.encoder_pretrained = encoder_pretrained
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.in_channels = in_channels
+        self.decoder_channels = decoder_channels
+        self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.conv_bias_modules = list(conv_bias_modules) if conv_bias_modules else None
+        super().__init__(**kwargs)
+
+
+class ConvBNAct(nn.Module):
+    """3x3 conv (no bias: BN follows) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size (any size, not only x2), concatenate the skip, then two conv-BN-ReLU."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = ConvBNAct(in_channels + skip_channels, out_channels)
+        self.conv2 = ConvBNAct(out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+        x = F.interpolate(x, size=size, mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UNetDecoder(nn.Module):
+    def __init__(self, encoder_channels: Sequence[int], reductions: Sequence[int], decoder_channels: Sequence[int]):
+        super().__init__()
+        skips = list(encoder_channels[:-1])[::-1]  # shallower features, deepest first
+        self.final_upsample = reductions[0] > 1
+        num_blocks = len(skips) + int(self.final_upsample)
+        if len(decoder_channels) != num_blocks:
+            raise ValueError(
+                f"`decoder_channels` has {len(decoder_channels)} entries, but this encoder needs {num_blocks} decoder "
+                f"blocks ({len(skips)} skip connections{' + 1 to full resolution' if self.final_upsample else ''}). "
+                f"Pass {num_blocks} values or leave it None."
+            )
+        in_channels = [encoder_channels[-1], *decoder_channels[:-1]]
+        skip_channels = skips + [0] * int(self.final_upsample)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(i, s, o) for i, s, o in zip(in_channels, skip_channels, decoder_channels)
+        )
+
+    def forward(self, features: list[torch.Tensor], input_size: tuple[int, int]) -> torch.Tensor:
+        x = features[-1]
+        skips = features[:-1][::-1]
+        for index, block in enumerate(self.blocks):
+            skip = skips[index] if index < len(skips) else None
+            size = tuple(skip.shape[-2:]) if skip is not None else input_size
+            x = block(x, skip, size)
+        return x
+
+
+class UNetForSemanticSegmentation(PreTrainedModel):
+    """U-Net for semantic segmentation with a timm encoder.
+
+    ``forward(pixel_values, labels=None)`` returns a ``SemanticSegmenterOutput`` whose logits are
+    ``(batch, num_labels, height, width)`` at the input size, for any height and width.
+    """
+
+    config_class = UNetConfig
+    base_model_prefix = "unet"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # Recreates biases that conv-adapter fusion added (see `UNetConfig.conv_bias_modules`).
+    supports_fused_conv_biases = True
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__(config)
+        if not timm.is_model(config.encoder_name):
+            similar = timm.list_models(f"*{config.encoder_name.split('.')[0][:6]}*")[:8]
+            raise ValueError(
+                f"`encoder_name`={config.encoder_name!r} is not a timm model. Similar names: {similar}. See "
+                "`timm.list_models()` for all."
+            )
+        pretrained = bool(config.encoder_pretrained) and not _LOADING_CHECKPOINT.get()
+        try:
+            self.encoder = timm.create_model(
+                config.encoder_name,
+                features_only=True,
+                pretrained=pretrained,
+                in_chans=config.in_channels,
+                **config.encoder_kwargs,
+            )
+        except RuntimeError as exc:
+            if "features_only" not in str(exc):
+                raise
+            raise ValueError(
+                f"timm model {config.encoder_name!r} does not support `features_only`, which the U-Net needs for its "
+                "skip connections. Choose a CNN encoder such as 'resnet18', 'vgg19_bn' or 'efficientnet_b0'."
+            ) from exc
+        # timm already initialised (or loaded) the encoder; transformers' generic init must not overwrite it.
+        for module in self.encoder.modules():
+            module._is_hf_initialized = True
+
+        channels = self.encoder.feature_info.channels()
+        reductions = self.encoder.feature_info.reduction()
+        num_blocks = len(channels) - 1 + int(reductions[0] > 1)
+        decoder_channels = config.decoder_channels
+        if decoder_channels is None:
+            decoder_channels = list(DEFAULT_DECODER_CHANNELS[:num_blocks])
+            decoder_channels += [DEFAULT_DECODER_CHANNELS[-1]] * (num_blocks - len(decoder_channels))
+        self.decoder = UNetDecoder(channels, reductions, decoder_channels)
+        self.segmentation_head = nn.Conv2d(decoder_channels[-1], config.num_labels, kernel_size=3, padding=1)
+        self._add_fused_conv_biases(config.conv_bias_modules or [])
+        self.post_init()
+
+    def _add_fused_conv_biases(self, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                conv = self.get_submodule(name)
+            except AttributeError as exc:
+                raise ValueError(
+                    f"`conv_bias_modules` names {name!r}, which is not a module of this U-Net "
+                    f"({self.config.encoder_name}). The config does not belong to this architecture."
+                ) from exc
+            if not isinstance(conv, nn.Conv2d):
+                raise ValueError(f"`conv_bias_modules` names {name!r}, a {type(conv).__name__}, not an nn.Conv2d.")
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``; the checkpoint holds the encoder, so timm downloads nothing."""
+        token = _LOADING_CHECKPOINT.set(True)
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        """
+        Args:
+            pixel_values: ``(batch, in_channels, height, width)`` images, any height and width.
+            labels: ``(batch, height', width')`` class indices; logits are upsampled to the label size for the loss.
+                Pixels equal to ``config.semantic_loss_ignore_index`` are ignored.
+        """
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {self.config.in_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_size = tuple(pixel_values.shape[-2:])
+        features = self.encoder(pixel_values)
+        decoded = self.decoder(features, input_size)  # (B, C_dec, H, W)
+        logits = self.segmentation_head(decoded)  # (B, num_labels, H, W)
+
+        loss = None
+        if labels is not None:
+            if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+                raise ValueError(
+                    f"`labels` must have shape (batch, height, width) with batch {logits.shape[0]}, got "
+                    f"{tuple(labels.shape)}."
+                )
+            loss_logits = logits
+            if tuple(labels.shape[-2:]) != input_size:
+                loss_logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(
+                loss_logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index
+            )
+
+        hidden_states = (*features, decoded) if output_hidden_states else None
+        if not return_dict:
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)

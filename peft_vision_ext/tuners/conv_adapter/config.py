@@ -1,0 +1,128 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import PeftConfig
+
+from ..._registry import peft_type_for
+from ...hub import update_model_card
+
+
+CONV_ADAPTER = peft_type_for("conv_adapter")
+ADAPTER_TYPES = ("conv", "bn")
+
+
+@dataclass
+class ConvAdapterConfig(PeftConfig):
+    """Configuration of [`ConvAdapterModel`]: fusable conv adapters (seed 000, "adapter fusion and ranking").
+
+    Each targeted ``nn.Conv2d`` gets a parallel branch ``y = conv(x) + conv1x1(BN_a(x))``. The 1×1 conv has the
+    conv's stride, groups and ``out_channels`` and starts at zero, so the model is unchanged at step 0. Because there
+    is no non-linearity in the branch, it folds exactly into the conv kernel and bias (``merge_and_unload``).
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            Names (exact or suffix) or a regex (full match) of the ``nn.Conv2d`` modules to adapt. ``None`` (the
+            default) adapts every conv of the model that satisfies the fusion conditions; convs that do not are left
+            out with a warning that gives the reason. Naming a module that is not a conv, or a conv that cannot be
+            fused, raises a ``ValueError``.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Names or a regex of modules not to adapt, as in peft.
+        adapter_type (`Literal["conv", "bn"]`):
+            ``"conv"`` (default): BN followed by a 1×1 conv, about 11% of a 3×3 conv's parameters. ``"bn"``: the
+            seed's BN-only capacity ablation, a per-output-channel affine ``y = z + BN_a(z)`` on the conv output
+            ``z``, zero-initialised, 2 parameters per output channel.
+        adapter_bias (`bool`):
+            Whether the adapter's 1×1 conv has its own bias (``adapter_type="conv"`` only).
+        init_weights (`bool`):
+            ``True`` (default) zero-initialises the adapter so the model is unchanged at init. ``False`` draws random
+            weights and BN statistics; only useful for tests of merging.
+        freeze_bn_stats (`bool`):
+            Keep every frozen BatchNorm layer of the base model in eval mode while the model trains, so that its
+            running statistics stay those of the pretrained model (peft does not save them: peft issue 1732).
+            Trainable BatchNorms (adapters, ``modules_to_save``) still update theirs.
+        modules_to_save (`Optional[list[str]]`):
+            Modules trained in full and saved with the adapter, such as a new segmentation head.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Names (exact or suffix) or a full-match regex of the nn.Conv2d modules to adapt. None adapts every "
+                "conv that satisfies the fusion conditions and leaves the others out with a warning."
+            )
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names or a full-match regex of modules not to adapt."}
+    )
+    adapter_type: Literal["conv", "bn"] = field(
+        default="conv",
+        metadata={"help": "'conv': BN followed by a 1x1 conv (default). 'bn': BN-only affine on the conv output."},
+    )
+    adapter_bias: bool = field(
+        default=True, metadata={"help": "Give the adapter's 1x1 conv its own bias (adapter_type='conv' only)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "Zero-initialise the adapters (identity at init). False draws random weights (tests)."},
+    )
+    freeze_bn_stats: bool = field(
+        default=True,
+        metadata={"help": "Keep frozen BatchNorm layers of the base model in eval mode during training."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new segmentation head."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = CONV_ADAPTER
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise ValueError(
+                f"`adapter_type` must be one of {ADAPTER_TYPES}, got {self.adapter_type!r}. Use 'conv' for BN + 1x1 "
+                "conv adapters or 'bn' for the BN-only ablation."
+            )
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = list(value)
+            if isinstance(value, list):
+                if not all(isinstance(item, str) and item for item in value):
+                    raise ValueError(f"`{name}` must be a list of non-empty module names, got {value!r}.")
+                value = sorted(set(value))
+            elif value is not None and not isinstance(value, str):
+                raise TypeError(
+                    f"`{name}` must be None, a list of module names or a regex string, got {type(value).__name__}: "
+                    f"{value!r}."
+                )
+            setattr(self, name, value)
+        if self.target_modules == []:
+            raise ValueError("`target_modules` is an empty list. Pass None to adapt every fusable conv.")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config and, for a local adapter directory, check that its weights file is present and readable.
+
+        peft would otherwise reach the weights only after building the model, and report a missing file as a failed
+        Hub download.
+        """
+        from ...analysis.io import check_adapter_dir
+
+        path = pretrained_model_name_or_path
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        if os.path.isdir(path):
+            check_adapter_dir(path)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        update_model_card(save_directory, method="conv_adapter", config=self)

@@ -1,0 +1,289 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""Conv adapter layers: a parallel BN -> 1x1 conv branch that folds exactly into the wrapped conv.
+
+Fusion math (eval mode, ``BN_a`` with frozen running statistics):
+
+    BN_a(x)               = a * x + c,          a = gamma / sqrt(var + eps),  c = beta - mean * a   # (C_in,)
+    conv1x1(BN_a(x))      = (W1 diag a) x + (W1 c + b1)
+
+``W1 diag a`` is a 1x1 kernel. Padded into the centre tap of the k x k kernel it gives the same output as the 1x1
+branch *when* the conv has odd kernel, "same" padding ``dilation * (k - 1) / 2`` and the branch has the conv's stride:
+the centre tap of output pixel i reads input pixel ``i * stride``, exactly what the strided 1x1 conv reads, and never
+a padded pixel (so borders, and any ``padding_mode``, are exact). ``W1 c + b1`` goes into the conv bias.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+
+def fusion_blockers(conv: nn.Module) -> list[str]:
+    """Return the reasons why a conv adapter on ``conv`` could not be folded into it exactly (empty if it can)."""
+    if not isinstance(conv, nn.Conv2d):
+        return [f"it is a {type(conv).__name__}, not a torch.nn.Conv2d"]
+    reasons = []
+    if type(conv).forward is not nn.Conv2d.forward:
+        # e.g. timm's Conv2dSame pads dynamically inside forward, so the kernel geometry alone is not the whole story.
+        reasons.append(f"{type(conv).__name__} overrides Conv2d.forward, so its padding cannot be verified")
+    if conv.transposed:
+        reasons.append("it is a transposed convolution")
+    for axis, k, d in zip("hw", conv.kernel_size, conv.dilation):
+        if k % 2 == 0:
+            reasons.append(f"its kernel size {tuple(conv.kernel_size)} is even along {axis}, so it has no centre tap")
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid" and any(k != 1 for k in conv.kernel_size):
+            reasons.append("padding='valid' with a kernel larger than 1 shrinks the output")
+    else:
+        for axis, k, d, p in zip("hw", conv.kernel_size, conv.dilation, conv.padding):
+            if k % 2 == 1 and p != d * (k - 1) // 2:
+                reasons.append(
+                    f"its padding {tuple(conv.padding)} is not 'same' padding dilation*(k-1)/2 = {d * (k - 1) // 2} "
+                    f"along {axis}"
+                )
+    return reasons
+
+
+class ConvAdapterLayer(BaseTunerLayer):
+    """Mixin holding the adapter state of one wrapped conv, keyed by adapter name."""
+
+    # Every trainable tensor sits directly under a ModuleDict keyed by adapter name, so peft's default key handling
+    # (strip/re-insert the adapter name) saves and loads them, BN running statistics included.
+    adapter_layer_names: tuple[str, ...] = ("convadapter_bn", "convadapter_conv")
+    other_param_names: tuple[str, ...] = ("adapter_type",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.convadapter_bn = nn.ModuleDict({})
+        self.convadapter_conv = nn.ModuleDict({})
+        self.adapter_type: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # Weight and bias before a BN-only adapter was merged (see `merge`), and whether merging created the bias.
+        self._premerge_state: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._bias_created_by_merge = False
+        self.kwargs = kwargs
+
+    def update_layer(
+        self, adapter_name: str, adapter_type: str, adapter_bias: bool = True, init_weights: bool = True
+    ) -> None:
+        base = self.get_base_layer()
+        reasons = fusion_blockers(base)
+        if reasons:
+            raise ValueError(
+                f"Cannot add conv adapter {adapter_name!r}: the target conv cannot be fused exactly because "
+                + "; ".join(reasons)
+                + ". Exclude it with `exclude_modules` or leave `target_modules=None` to skip such convs."
+            )
+        if adapter_type == "conv":
+            bn = nn.BatchNorm2d(base.in_channels)
+            conv = nn.Conv2d(
+                base.in_channels,
+                base.out_channels,
+                kernel_size=1,
+                stride=base.stride,
+                padding=0,
+                groups=base.groups,
+                bias=adapter_bias,
+            )
+            self.convadapter_conv[adapter_name] = conv
+        elif adapter_type == "bn":
+            bn = nn.BatchNorm2d(base.out_channels)
+        else:
+            raise ValueError(f"`adapter_type` must be 'conv' or 'bn', got {adapter_type!r}.")
+        self.convadapter_bn[adapter_name] = bn
+        self.adapter_type[adapter_name] = adapter_type
+        self.reset_adapter_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        bn = self.convadapter_bn[adapter_name]
+        conv = self.convadapter_conv[adapter_name] if adapter_name in self.convadapter_conv else None
+        if init_weights:
+            # Zero output at init so the adapted model equals the base model at step 0. For "conv" the 1x1 conv is
+            # zero (BN_a stays a plain BN, so its gradient flows once the conv moves); for "bn" the affine is zero.
+            if conv is not None:
+                nn.init.zeros_(conv.weight)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+            else:
+                nn.init.zeros_(bn.weight)
+                nn.init.zeros_(bn.bias)
+            return
+        # Random state, including BN statistics, so that merge tests exercise every term of the fusion formula.
+        generator = torch.Generator().manual_seed(zlib.crc32(adapter_name.encode()))
+        bn.weight.copy_(1 + 0.2 * torch.randn(bn.weight.shape, generator=generator))
+        bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=generator))
+        bn.running_mean.copy_(0.1 * torch.randn(bn.running_mean.shape, generator=generator))
+        bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=generator))
+        if conv is not None:
+            std = 0.1 / math.sqrt(conv.weight[0].numel())
+            conv.weight.copy_(std * torch.randn(conv.weight.shape, generator=generator))
+            if conv.bias is not None:
+                conv.bias.copy_(0.01 * torch.randn(conv.bias.shape, generator=generator))
+
+    def _bn_affine(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode ``BN_a(x) = a * x + c``; returns ``(a, c)``, each ``(C,)`` in float32."""
+        bn = self.convadapter_bn[adapter_name]
+        inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
+        gamma = bn.weight.float() if bn.affine else torch.ones_like(inv_std)
+        beta = bn.bias.float() if bn.affine else torch.zeros_like(inv_std)
+        a = gamma * inv_std
+        c = beta - bn.running_mean.float() * a
+        return a, c
+
+    def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact change ``(dW, db)`` of the conv's kernel and bias that adapter ``adapter_name`` amounts to.
+
+        For a "bn" adapter the change is relative to the base conv's current (unmerged) weight.
+        """
+        base = self.get_base_layer()
+        weight = base.weight
+        if self.adapter_type[adapter_name] == "bn":
+            a, c = self._bn_affine(adapter_name)  # (C_out,)
+            bias = base.bias.float() if base.bias is not None else torch.zeros_like(a)
+            delta_w = a.view(-1, 1, 1, 1) * weight.float()
+            delta_b = a * bias + c
+            return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
+
+        conv = self.convadapter_conv[adapter_name]
+        a, c = self._bn_affine(adapter_name)  # (C_in,)
+        groups = base.groups
+        c_in_g = base.in_channels // groups
+        c_out_g = base.out_channels // groups
+        w1 = conv.weight.float()[:, :, 0, 0]  # (C_out, C_in / groups)
+        # Output channel o of a grouped conv reads input channels of its own group: (C_out, C_in / groups).
+        group_of_out = torch.arange(base.out_channels, device=w1.device) // c_out_g
+        a_per_out = a.view(groups, c_in_g)[group_of_out]
+        c_per_out = c.view(groups, c_in_g)[group_of_out]
+        delta_b = (w1 * c_per_out).sum(dim=1)  # (C_out,)
+        if conv.bias is not None:
+            delta_b = delta_b + conv.bias.float()
+        kh, kw = base.kernel_size
+        delta_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (C_out, C_in/g, kh, kw)
+        delta_w[:, :, kh // 2, kw // 2] = w1 * a_per_out
+        return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
+
+
+class Conv2d(nn.Module, ConvAdapterLayer):
+    """A ``nn.Conv2d`` with parallel conv adapters: ``y = conv(x) + sum_adapters conv1x1(BN_a(x))``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        adapter_name: str,
+        adapter_type: str = "conv",
+        adapter_bias: bool = True,
+        init_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        ConvAdapterLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, adapter_type, adapter_bias=adapter_bias, init_weights=init_weights)
+
+    def _check_merge_compatible(self, adapter_names: list[str]) -> None:
+        kinds = [self.adapter_type[name] for name in adapter_names] + [
+            self.adapter_type[name] for name in self.merged_adapters
+        ]
+        if "bn" in kinds and len(kinds) > 1:
+            raise ValueError(
+                "A BN-only conv adapter rescales the conv output, so it cannot be merged into a conv together with "
+                f"another adapter; got adapters {adapter_names} to merge with {self.merged_adapters} already merged. "
+                "Merge one adapter at a time (`adapter_names=[...]`) or use `adapter_type='conv'`."
+            )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or the given) adapters into the conv kernel and bias, exactly, using BN running stats.
+
+        Args:
+            safe_merge: compute on a copy first and refuse to merge if the result has NaN or Inf.
+            adapter_names: the adapters to merge; defaults to the active ones.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in adapter_names if name in self.convadapter_bn]
+        if not adapter_names:
+            return
+        self._check_merge_compatible(adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if self.convadapter_bn[name].training:
+                warnings.warn(
+                    f"Merging conv adapter {name!r} while it is in training mode: the merged conv uses the BN running "
+                    "statistics, the unmerged one uses batch statistics. Call `model.eval()` first for exact fusion."
+                )
+            delta_w, delta_b = self.get_delta_weight(name)
+            new_weight = base.weight.data + delta_w
+            new_bias = (base.bias.data if base.bias is not None else torch.zeros_like(delta_b)) + delta_b
+            if safe_merge and not (torch.isfinite(new_weight).all() and torch.isfinite(new_bias).all()):
+                raise ValueError(f"NaNs or Infs detected while merging conv adapter {name!r}; the adapter is broken.")
+            if self.adapter_type[name] == "bn":
+                # y = (1 + a) * z + c cannot be undone by subtraction once z's weights changed; keep the original.
+                self._premerge_state[name] = (
+                    base.weight.data.clone(),
+                    None if base.bias is None else base.bias.data.clone(),
+                )
+            base.weight.data = new_weight
+            if base.bias is None:
+                # A bias-free conv (typical before BatchNorm) gains a bias: the only extra parameter fusion adds.
+                base.bias = nn.Parameter(new_bias, requires_grad=False)
+                self._bias_created_by_merge = True
+            else:
+                base.bias.data = new_bias
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo `merge`, in reverse order. A bias that merging created is removed again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self._premerge_state:
+                weight, bias = self._premerge_state.pop(name)
+                base.weight.data = weight
+                if bias is not None:
+                    base.bias.data = bias
+            else:
+                delta_w, delta_b = self.get_delta_weight(name)
+                base.weight.data -= delta_w
+                base.bias.data -= delta_b
+        if self._bias_created_by_merge:
+            base.bias = None
+            self._bias_created_by_merge = False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)  # (B, C_out, H', W')
+        base_out = result
+        for name in self.active_adapters:
+            if name not in self.convadapter_bn:
+                continue
+            bn = self.convadapter_bn[name]
+            if self.adapter_type[name] == "conv":
+                conv = self.convadapter_conv[name]
+                adapter_in = self._cast_input_dtype(x, conv.weight.dtype)
+                result = result + conv(bn(adapter_in)).to(result.dtype)
+            else:
+                # BN-only: a per-channel affine of the base conv's own output (not of other adapters' outputs).
+                adapter_in = self._cast_input_dtype(base_out, bn.weight.dtype)
+                result = result + bn(adapter_in).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "convadapter." + super().__repr__()
+
