@@ -20,6 +20,7 @@ import zlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
@@ -68,6 +69,8 @@ class ConvAdapterLayer(BaseTunerLayer):
         # Weight and bias before a BN-only adapter was merged (see `merge`), and whether merging created the bias.
         self._premerge_state: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._bias_created_by_merge = False
+        # Fold eval-mode adapters into the kernel in `forward` (see there); tests switch it off to check both paths.
+        self.fold_in_eval = True
         self.kwargs = kwargs
 
     def update_layer(
@@ -168,8 +171,8 @@ class ConvAdapterLayer(BaseTunerLayer):
         if conv.bias is not None:
             delta_b = delta_b + conv.bias.float()
         kh, kw = base.kernel_size
-        delta_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (C_out, C_in/g, kh, kw)
-        delta_w[:, :, kh // 2, kw // 2] = w1 * a_per_out
+        # The 1x1 kernel W1 diag(a) goes to the centre tap: (C_out, C_in/g, 1, 1) -> (C_out, C_in/g, kh, kw).
+        delta_w = F.pad((w1 * a_per_out)[:, :, None, None], (kw // 2, kw // 2, kh // 2, kh // 2))
         return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
 
 
@@ -266,13 +269,23 @@ class Conv2d(nn.Module, ConvAdapterLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        active = [name for name in self.active_adapters if name in self.convadapter_bn]
+        if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        if self.fold_in_eval and not any(self.convadapter_bn[name].training for name in active):
+            # Eval mode: every adapter is an affine map of the conv's input or output, so fold them into the kernel
+            # on the fly. One conv instead of 1 + len(active) passes over the activations; differentiable in the
+            # adapter weights, and equal to the branch computation up to float rounding.
+            base = self.get_base_layer()
+            weight, bias = base.weight, base.bias
+            for name in active:
+                delta_w, delta_b = self.get_delta_weight(name)
+                weight = weight + delta_w
+                bias = delta_b if bias is None else bias + delta_b
+            return base._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, bias)
         result = self.base_layer(x, *args, **kwargs)  # (B, C_out, H', W')
         base_out = result
-        for name in self.active_adapters:
-            if name not in self.convadapter_bn:
-                continue
+        for name in active:
             bn = self.convadapter_bn[name]
             if self.adapter_type[name] == "conv":
                 conv = self.convadapter_conv[name]
