@@ -7,8 +7,8 @@ and the rest of peft's workflow accept our configs.
 
 __version__ = "0.1.0"
 
-from .tuners import ConvAdapterConfig, ConvAdapterModel  # noqa: E402  (registers the methods)
 from . import models  # noqa: E402,F401  (registers the models with the transformers Auto classes)
+from .tuners import ConvAdapterConfig, ConvAdapterModel  # noqa: E402  (registers the methods)
 
 
 __all__ = ["ConvAdapterConfig", "ConvAdapterModel", "__version__"]

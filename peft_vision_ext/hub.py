@@ -60,12 +60,15 @@ def update_model_card(
     data = card.data
     data.library_name = "peft"
     data.pipeline_tag = "image-segmentation"
-    tags = set(data.tags or [])
+    # peft tags "base_model:adapter:<name>" even when the base has no name; an empty one is noise on the Hub.
+    tags = {tag for tag in (data.tags or []) if not tag.endswith(":")}
     tags.update({"peft-vision-ext", method.replace("_", "-"), "image-segmentation"})
     data.tags = sorted(tags)
     base = getattr(config, "base_model_name_or_path", None)
     if base and not data.base_model:
         data.base_model = base
+    if not data.base_model:
+        data.base_model = None
 
     text = card.text
     if _USAGE_HEADING not in text:

@@ -19,7 +19,9 @@ def check_adapter_dir(path: str | os.PathLike) -> str:
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"Adapter directory {path!r} does not exist. Pass the folder that `save_pretrained` wrote.")
+        raise FileNotFoundError(
+            f"Adapter directory {path!r} does not exist. Pass the folder that `save_pretrained` wrote."
+        )
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(

@@ -258,9 +258,7 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             loss_logits = logits
             if tuple(labels.shape[-2:]) != input_size:
                 loss_logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(
-                loss_logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index
-            )
+            loss = F.cross_entropy(loss_logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
 
         hidden_states = (*features, decoded) if output_hidden_states else None
         if not return_dict:

@@ -35,7 +35,7 @@ def fusion_blockers(conv: nn.Module) -> list[str]:
         reasons.append(f"{type(conv).__name__} overrides Conv2d.forward, so its padding cannot be verified")
     if conv.transposed:
         reasons.append("it is a transposed convolution")
-    for axis, k, d in zip("hw", conv.kernel_size, conv.dilation):
+    for axis, k in zip("hw", conv.kernel_size):
         if k % 2 == 0:
             reasons.append(f"its kernel size {tuple(conv.kernel_size)} is even along {axis}, so it has no centre tap")
     if isinstance(conv.padding, str):
@@ -221,7 +221,8 @@ class Conv2d(nn.Module, ConvAdapterLayer):
             if self.convadapter_bn[name].training:
                 warnings.warn(
                     f"Merging conv adapter {name!r} while it is in training mode: the merged conv uses the BN running "
-                    "statistics, the unmerged one uses batch statistics. Call `model.eval()` first for exact fusion."
+                    "statistics, the unmerged one uses batch statistics. Call `model.eval()` first for exact fusion.",
+                    stacklevel=2,
                 )
             delta_w, delta_b = self.get_delta_weight(name)
             new_weight = base.weight.data + delta_w
@@ -246,7 +247,7 @@ class Conv2d(nn.Module, ConvAdapterLayer):
     def unmerge(self) -> None:
         """Undo `merge`, in reverse order. A bias that merging created is removed again."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
@@ -299,4 +300,3 @@ class Conv2d(nn.Module, ConvAdapterLayer):
 
     def __repr__(self) -> str:
         return "convadapter." + super().__repr__()
-

@@ -218,7 +218,8 @@ class ConvAdapterModel(BaseTuner):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         bias_free = {
-            name for name, module in self.model.named_modules()
+            name
+            for name, module in self.model.named_modules()
             if isinstance(module, ConvAdapterLayer) and module.get_base_layer().bias is None
         }
         model = super()._unload_and_optionally_merge(
@@ -247,7 +248,8 @@ class ConvAdapterModel(BaseTuner):
                     container = getattr(module, attr)
                     if adapter_name in container:
                         expected += [
-                            f"{module_name}.{attr}.{adapter_name}.{key}" for key in container[adapter_name].state_dict()
+                            f"{module_name}.{attr}.{adapter_name}.{key}"
+                            for key in container[adapter_name].state_dict()
                         ]
         missing = [key for key in expected if key not in remapped]
         mismatched = [
@@ -286,4 +288,3 @@ def _record_fused_biases(model: nn.Module, names: list[str]) -> None:
             "keep it in memory. peft_vision_ext models recreate them from `config.conv_bias_modules`.",
             stacklevel=3,
         )
-

@@ -1,0 +1,25 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+from .io import check_adapter_dir
+from .ranking import (
+    SCORES,
+    AdapterScore,
+    ExportResult,
+    export_adapters,
+    rank_adapters,
+    score_adapters,
+    select_adapters,
+    size_bias,
+)
+
+
+__all__ = [
+    "SCORES",
+    "AdapterScore",
+    "ExportResult",
+    "check_adapter_dir",
+    "export_adapters",
+    "rank_adapters",
+    "score_adapters",
+    "select_adapters",
+    "size_bias",
+]
