@@ -103,6 +103,10 @@ class ConvAdapterLayer(BaseTunerLayer):
         self.convadapter_bn[adapter_name] = bn
         self.adapter_type[adapter_name] = adapter_type
         self.reset_adapter_parameters(adapter_name, init_weights)
+        # New modules start in train mode; a BN in train mode would use batch statistics inside an eval-mode model.
+        bn.train(base.training)
+        if adapter_type == "conv":
+            conv.train(base.training)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -190,6 +194,7 @@ class Conv2d(nn.Module, ConvAdapterLayer):
     ) -> None:
         super().__init__()
         ConvAdapterLayer.__init__(self, base_layer, **kwargs)
+        self.train(base_layer.training)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, adapter_type, adapter_bias=adapter_bias, init_weights=init_weights)
 

@@ -1,0 +1,148 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""Adaptation baselines and measurement helpers shared by the recipes, the CLI and the benchmarks.
+
+The seed's protocol compares full fine-tuning, decoder-only tuning, conv adapters and BN-only adapters on the same
+pretrained U-Net; :func:`prepare_for_adaptation` builds each of them, so that recipes stay thin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .metrics import ConfusionMatrix, metrics_from_confusion
+from .tuners.conv_adapter import ConvAdapterConfig, freeze_frozen_batchnorm
+
+
+ADAPTATION_METHODS = ("full", "decoder", "conv_adapter", "bn_adapter")
+
+
+def prepare_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) -> nn.Module:
+    """Return ``model`` set up for one of :data:`ADAPTATION_METHODS`.
+
+    - ``"full"``: every parameter trains (BatchNorm statistics too).
+    - ``"decoder"``: the encoder is frozen, with its BatchNorms kept in eval mode; decoder and head train.
+    - ``"conv_adapter"`` / ``"bn_adapter"``: ``get_peft_model`` with :class:`ConvAdapterConfig` (``adapter_type``
+      ``"conv"`` / ``"bn"``); ``config_kwargs`` go to the config.
+    """
+    if method not in ADAPTATION_METHODS:
+        raise ValueError(f"`method` must be one of {ADAPTATION_METHODS}, got {method!r}.")
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    if method == "decoder":
+        encoder = getattr(model, "encoder", None)
+        if encoder is None:
+            raise ValueError(f"Decoder-only tuning needs a model with an `encoder`; {type(model).__name__} has none.")
+        model.requires_grad_(True)
+        encoder.requires_grad_(False)
+        # Trainer calls model.train() every step; keep the frozen encoder's BN statistics those of the source model.
+        encoder.register_forward_pre_hook(_keep_frozen_batchnorm_in_eval)
+        return model
+    adapter_type = "conv" if method == "conv_adapter" else "bn"
+    return get_peft_model(model, ConvAdapterConfig(adapter_type=adapter_type, **config_kwargs))
+
+
+def _keep_frozen_batchnorm_in_eval(module: nn.Module, args: Any) -> None:
+    if module.training:
+        freeze_frozen_batchnorm(module)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    """Parameters of the model without any adapter: what ``trainable %`` is relative to."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+        # peft counts modules_to_save copies twice (original + copy): subtract adapters only.
+        adapters = sum(p.numel() for n, p in model.named_parameters() if "convadapter_" in n)
+        modules_to_save = sum(p.numel() for n, p in model.named_parameters() if ".modules_to_save." in n)
+        return total - adapters - modules_to_save
+    return count_parameters(model)[1]
+
+
+def update_size_bytes(model: nn.Module) -> int:
+    """Bytes of the update a deployed model must receive, as one safetensors file.
+
+    For a ``PeftModel``: the adapter file ``save_pretrained`` writes. Otherwise: every tensor of the state dict that
+    training changes (all of them for full fine-tuning; the trainable modules with their buffers for partial tuning).
+    """
+    if isinstance(model, PeftModel):
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        trainable_modules = {
+            name for name, module in model.named_modules() if any(p.requires_grad for p in module.parameters(False))
+        }
+        state = {
+            key: value
+            for key, value in model.state_dict().items()
+            if key.rpartition(".")[0] in trainable_modules
+        }
+    state = {key: value.contiguous() for key, value in state.items()}
+    return len(safetensors_bytes(state, metadata={"format": "pt"}))
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: nn.Module,
+    dataset: Iterable[dict[str, torch.Tensor]],
+    num_labels: int,
+    *,
+    batch_size: int = 16,
+    ignore_index: int = 255,
+    id2label: dict[int, str] | None = None,
+    collate_fn: Any = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Streaming mIoU / per-class IoU / balanced accuracy of ``model`` on ``dataset`` (eval mode, no gradients)."""
+    from .data import collate_segmentation
+
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or collate_segmentation)
+    confusion = ConfusionMatrix(num_labels, ignore_index=ignore_index)
+    for batch in loader:
+        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
+        labels = batch["labels"]
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        confusion.update(logits.argmax(dim=1).cpu(), labels)
+    model.train(was_training)
+    return metrics_from_confusion(confusion.compute(), id2label=id2label)
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of ``model`` for one input of ``input_shape`` (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values=torch.zeros(input_shape, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def percent(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else math.nan

@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""The accelerate twin of ``run_space_rocks.py``: the same adaptation with a plain loop, for ``accelerate launch``.
+
+It pretrains a source U-Net (or loads ``--source_model``), adapts it to one target domain with one method, evaluates
+with ``gather_for_metrics`` and saves the adapter (``save_pretrained``) from the main process.
+
+    accelerate launch recipes/space_rocks/run_space_rocks_no_trainer.py --method conv_adapter --output_dir out/ddp
+    torchrun --nproc_per_node 2 recipes/space_rocks/run_space_rocks_no_trainer.py --cpu --quick --output_dir out/ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+import peft_vision_ext  # noqa: F401  (registers the methods with peft)
+from peft_vision_ext.adaptation import ADAPTATION_METHODS, count_parameters, prepare_for_adaptation
+from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
+from peft_vision_ext.metrics import ConfusionMatrix, metrics_from_confusion
+from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
+
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--encoder_name", default="resnet18")
+    parser.add_argument("--decoder_channels", type=int, nargs="+", default=[128, 64, 32, 16, 16])
+    parser.add_argument("--source_model", help="directory of a pretrained source U-Net (skips pretraining)")
+    parser.add_argument("--method", default="conv_adapter", choices=ADAPTATION_METHODS)
+    parser.add_argument("--target_domain", default="mars")
+    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--source_train_samples", type=int, default=600)
+    parser.add_argument("--target_train_samples", type=int, default=80)
+    parser.add_argument("--test_samples", type=int, default=100)
+    parser.add_argument("--pretrain_epochs", type=int, default=6)
+    parser.add_argument("--adapt_epochs", type=int, default=8)
+    parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
+    parser.add_argument(
+        "--cpu", action="store_true", help="run on CPU; with torchrun this uses the gloo backend (env ACCELERATE_USE_CPU=1)"
+    )
+    parser.add_argument(
+        "--dump_rank_state", action="store_true", help="each rank writes its trainable tensors (checks DDP sync)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.image_size, args.source_train_samples, args.target_train_samples, args.test_samples = 64, 16, 8, 8
+        args.pretrain_epochs, args.adapt_epochs, args.per_device_train_batch_size = 1, 2, 2
+        args.decoder_channels = [32, 16, 16, 8, 8]
+    return args
+
+
+def train(accelerator, model, dataset, *, epochs, learning_rate, batch_size, desc):
+    """A plain training loop with gradient accumulation; returns the prepared model and the last loss."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_segmentation)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    steps = epochs * math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    progress = tqdm(total=epochs * len(loader), desc=desc, disable=not accelerator.is_local_main_process)
+    loss_value = float("nan")
+    model.train()
+    for _ in range(epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            progress.set_postfix(loss=f"{loss_value:.3f}")
+            progress.update(1)
+    progress.close()
+    return model, loss_value
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, dataset, batch_size) -> dict:
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_segmentation))
+    model.eval()
+    confusion = ConfusionMatrix(len(ROCK_LABELS))
+    for batch in loader:
+        predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=1)
+        # gather_for_metrics drops the samples duplicated to even out the last batch across processes.
+        predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        confusion.update(predictions.cpu(), labels.cpu())
+    return metrics_from_confusion(confusion.compute(), id2label=ROCK_LABELS)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.cpu)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    def split(domain, name, count, augment):
+        dataset = load_rock_dataset(domain, name, count, args.image_size, seed=0)
+        return dataset.with_transform(SegmentationTransform(augment=augment, seed=args.seed))
+
+    # --- source model -----------------------------------------------------------------------------------------------
+    source_dir = args.source_model or os.path.join(args.output_dir, "source_model")
+    if args.source_model is None:
+        config = UNetConfig(
+            encoder_name=args.encoder_name,
+            decoder_channels=args.decoder_channels,
+            num_labels=len(ROCK_LABELS),
+            id2label=ROCK_LABELS,
+            label2id={v: k for k, v in ROCK_LABELS.items()},
+        )
+        model, _ = train(
+            accelerator, UNetForSemanticSegmentation(config), split("source", "train", args.source_train_samples, True),
+            epochs=args.pretrain_epochs, learning_rate=args.pretrain_learning_rate,
+            batch_size=args.per_device_train_batch_size, desc="pretrain (source)",
+        )
+        accelerator.wait_for_everyone()
+        accelerator.unwrap_model(model).save_pretrained(
+            source_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        )
+        accelerator.wait_for_everyone()
+        accelerator.free_memory()
+
+    # --- adaptation -------------------------------------------------------------------------------------------------
+    set_seed(args.seed)
+    model = prepare_for_adaptation(UNetForSemanticSegmentation.from_pretrained(source_dir), args.method)
+    trainable, total = count_parameters(model)
+    model, last_loss = train(
+        accelerator, model, split(args.target_domain, "train", args.target_train_samples, True),
+        epochs=args.adapt_epochs, learning_rate=args.learning_rate,
+        batch_size=args.per_device_train_batch_size, desc=f"adapt ({args.method}, {args.target_domain})",
+    )
+    metrics = evaluate(accelerator, model, split(args.target_domain, "test", args.test_samples, False),
+                       args.per_device_eval_batch_size)
+
+    unwrapped = accelerator.unwrap_model(model)
+    if args.dump_rank_state:
+        state = (
+            get_peft_model_state_dict(unwrapped)
+            if isinstance(unwrapped, PeftModel)
+            else {k: v for k, v in unwrapped.state_dict().items()}
+        )
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                  os.path.join(args.output_dir, f"rank{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    method_dir = os.path.join(args.output_dir, args.method)
+    unwrapped.save_pretrained(method_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    results = {
+        "method": args.method,
+        "target_domain": args.target_domain,
+        "num_processes": accelerator.num_processes,
+        "trainable_params": trainable,
+        "total_params": total,
+        "last_loss": last_loss,
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "mean_iou": metrics["mean_iou"],
+    }
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+        logger.info("results: %s", results)
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
