@@ -50,6 +50,15 @@ def prepare_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) 
     return get_peft_model(model, ConvAdapterConfig(adapter_type=adapter_type, **config_kwargs))
 
 
+def set_fold_in_eval(model: nn.Module, enabled: bool) -> None:
+    """Switch the eval-mode kernel folding of every conv adapter layer (``False``: compute the branches)."""
+    from .tuners.conv_adapter import ConvAdapterLayer
+
+    for module in model.modules():
+        if isinstance(module, ConvAdapterLayer):
+            module.fold_in_eval = enabled
+
+
 def _keep_frozen_batchnorm_in_eval(module: nn.Module, args: Any) -> None:
     if module.training:
         freeze_frozen_batchnorm(module)
@@ -94,9 +103,7 @@ def update_size_bytes(model: nn.Module) -> int:
             name for name, module in model.named_modules() if any(p.requires_grad for p in module.parameters(False))
         }
         state = {
-            key: value
-            for key, value in model.state_dict().items()
-            if key.rpartition(".")[0] in trainable_modules
+            key: value for key, value in model.state_dict().items() if key.rpartition(".")[0] in trainable_modules
         }
     state = {key: value.contiguous() for key, value in state.items()}
     return len(safetensors_bytes(state, metadata={"format": "pt"}))
@@ -125,7 +132,9 @@ def evaluate_segmentation(
         logits = model(pixel_values=batch["pixel_values"].to(device)).logits
         labels = batch["labels"]
         if logits.shape[-2:] != labels.shape[-2:]:
-            logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(
+                logits, size=labels.shape[-2:], mode="bilinear", align_corners=False
+            )
         confusion.update(logits.argmax(dim=1).cpu(), labels)
     model.train(was_training)
     return metrics_from_confusion(confusion.compute(), id2label=id2label)

@@ -16,6 +16,7 @@ from peft_vision_ext import ConvAdapterConfig
 from peft_vision_ext.adaptation import count_flops
 from peft_vision_ext.models import UNetForSemanticSegmentation
 from peft_vision_ext.tuners.conv_adapter import ConvAdapterLayer, fusion_blockers
+
 from testing_common import rel_diff, train_steps
 from tiny_models import NoConv, make_tiny_cnn, make_unet
 
@@ -165,7 +166,9 @@ def test_corrupted_config_file(saved_adapter):
 
     (saved_adapter / "adapter_config.json").write_text("{not json")
     # Our entry points (ranking, export, CLI) check the directory first and say what is wrong.
-    with pytest.raises(ValueError, match=r"adapter_config.json' is not valid JSON .* The adapter directory is damaged"):
+    with pytest.raises(
+        ValueError, match=r"adapter_config.json' is not valid JSON .* The adapter directory is damaged"
+    ):
         score_adapters(saved_adapter)
     # peft parses the config before our code runs; it raises a JSONDecodeError (a ValueError) naming the position.
     with pytest.raises(ValueError, match=r"line 1 column 2"):
@@ -173,7 +176,9 @@ def test_corrupted_config_file(saved_adapter):
 
 
 def test_adapter_on_a_base_with_other_shapes(saved_adapter):
-    with pytest.raises(ValueError, match=r"does not fit this model: .*wrong shape.*checkpoint \(16,\) vs model \(32,\)"):
+    with pytest.raises(
+        ValueError, match=r"does not fit this model: .*wrong shape.*checkpoint \(16,\) vs model \(32,\)"
+    ):
         PeftModel.from_pretrained(make_tiny_cnn(width=16), saved_adapter)
 
 

@@ -16,6 +16,7 @@ from peft.utils import PeftType
 
 import peft_vision_ext
 from peft_vision_ext import ConvAdapterConfig, ConvAdapterModel, _registry
+
 from tiny_models import make_tiny_cnn
 
 
@@ -38,7 +39,10 @@ def test_registration_is_idempotent():
     module = importlib.import_module("peft_vision_ext.tuners.conv_adapter")
     importlib.reload(module)  # re-runs register_method with the same classes
     _registry.register_method(
-        name="conv_adapter", config_cls=module.ConvAdapterConfig, model_cls=module.ConvAdapterModel, prefix="convadapter_"
+        name="conv_adapter",
+        config_cls=module.ConvAdapterConfig,
+        model_cls=module.ConvAdapterModel,
+        prefix="convadapter_",
     )
     assert len(PeftType) == before
     assert PEFT_TYPE_TO_CONFIG_MAPPING[VALUE] is module.ConvAdapterConfig
@@ -49,7 +53,9 @@ def test_registration_refuses_a_foreign_class():
         pass
 
     with pytest.raises(KeyError, match="already registered"):
-        _registry.register_method(name="conv_adapter", config_cls=Other, model_cls=ConvAdapterModel, prefix="convadapter_")
+        _registry.register_method(
+            name="conv_adapter", config_cls=Other, model_cls=ConvAdapterModel, prefix="convadapter_"
+        )
 
 
 def test_guard_fails_loudly_when_peft_internals_change(monkeypatch):
@@ -91,12 +97,12 @@ def test_loading_without_the_import_says_to_import(tmp_path):
     model = get_peft_model(make_tiny_cnn(), ConvAdapterConfig())
     model.save_pretrained(tmp_path)
     script = (
-        "import sys; sys.path.insert(0, {tests!r})\n"
+        f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from peft import PeftModel\n"
         "from tiny_models import make_tiny_cnn\n"
         "assert 'peft_vision_ext' not in sys.modules\n"
-        "PeftModel.from_pretrained(make_tiny_cnn(), {path!r})\n"
-    ).format(tests=os.path.dirname(__file__), path=str(tmp_path))
+        f"PeftModel.from_pretrained(make_tiny_cnn(), {str(tmp_path)!r})\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "IMPORT PEFT_VISION_EXT" in result.stderr.splitlines()[-1], result.stderr[-2000:]

@@ -157,21 +157,13 @@ class UNetForSemanticSegmentation(PreTrainedModel):
                 "`timm.list_models()` for all."
             )
         pretrained = bool(config.encoder_pretrained) and not _LOADING_CHECKPOINT.get()
-        try:
-            self.encoder = timm.create_model(
-                config.encoder_name,
-                features_only=True,
-                pretrained=pretrained,
-                in_chans=config.in_channels,
-                **config.encoder_kwargs,
-            )
-        except RuntimeError as exc:
-            if "features_only" not in str(exc):
-                raise
-            raise ValueError(
-                f"timm model {config.encoder_name!r} does not support `features_only`, which the U-Net needs for its "
-                "skip connections. Choose a CNN encoder such as 'resnet18', 'vgg19_bn' or 'efficientnet_b0'."
-            ) from exc
+        self.encoder = timm.create_model(
+            config.encoder_name,
+            features_only=True,
+            pretrained=pretrained,
+            in_chans=config.in_channels,
+            **config.encoder_kwargs,
+        )
         # timm already initialised (or loaded) the encoder; transformers' generic init must not overwrite it.
         for module in self.encoder.modules():
             module._is_hf_initialized = True

@@ -39,6 +39,7 @@ from peft_vision_ext.adaptation import (
     evaluate_segmentation,
     percent,
     prepare_for_adaptation,
+    set_fold_in_eval,
     update_size_bytes,
 )
 from peft_vision_ext.analysis import export_adapters, score_adapters, select_adapters, size_bias
@@ -84,7 +85,8 @@ class DataArguments:
 @dataclass
 class PeftArguments:
     methods: list[str] = field(
-        default_factory=lambda: list(ADAPTATION_METHODS), metadata={"help": f"Adaptation methods: {ADAPTATION_METHODS}"}
+        default_factory=lambda: list(ADAPTATION_METHODS),
+        metadata={"help": f"Adaptation methods: {ADAPTATION_METHODS}"},
     )
     pretrain_epochs: float = field(default=6.0, metadata={"help": "Source pretraining epochs."})
     pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "Source pretraining learning rate."})
@@ -112,6 +114,8 @@ QUICK = {
     "pretrain_epochs": 1.0,
     "adapt_epochs": 1.0,
     "keep_fractions": [1.0, 0.66],
+    "scores": ["z", "relative"],
+    "encoder_name": "test_resnet",
     "decoder_channels": [32, 16, 16, 8, 8],
 }
 
@@ -251,7 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
             trainable = count_parameters(model)[0]
             lr = peft_args.full_learning_rate if method == "full" else peft_args.partial_learning_rate
             trainer = make_trainer(
-                model, training_args, target_train, learning_rate=lr, epochs=peft_args.adapt_epochs,
+                model,
+                training_args,
+                target_train,
+                learning_rate=lr,
+                epochs=peft_args.adapt_epochs,
                 run_name=f"{domain}-{method}",
             )
             train_output = trainer.train()
@@ -260,8 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
             if isinstance(model, PeftModel):
                 model.save_pretrained(method_dir)
                 update_model_card(
-                    method_dir, method="conv_adapter", metrics=summary(metrics),
-                    dataset_name=f"peft-vision-ext rocks ({domain})", dataset_type="procedural-rocks",
+                    method_dir,
+                    method="conv_adapter",
+                    metrics=summary(metrics),
+                    dataset_name=f"peft-vision-ext rocks ({domain})",
+                    dataset_type="procedural-rocks",
                 )
             rows[method] = {
                 **summary(metrics),
@@ -301,7 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
                             "reduction": exported.reduction,
                         }
                         curves.setdefault(score, []).append((exported.nbytes, metrics["balanced_accuracy"]))
-                        logger.info("[%s] Step 5, %s keep %.2f: %s", domain, score, fraction, ranked[f"{score}@{fraction}"])
+                        logger.info(
+                            "[%s] Step 5, %s keep %.2f: %s", domain, score, fraction, ranked[f"{score}@{fraction}"]
+                        )
             domain_result["ranked"] = ranked
             references = {
                 "full fine-tuning": rows.get("full", {}).get("balanced_accuracy"),
@@ -317,13 +330,16 @@ def main(argv: list[str] | None = None) -> dict:
             # --- 6. fuse ------------------------------------------------------------------------------------------------
             probe = torch.stack([target_test[i]["pixel_values"] for i in range(min(4, len(target_test)))])
             with torch.no_grad():
+                # Compare with the adapter branches computed as such (not folded into the kernel on the fly).
+                set_fold_in_eval(adapter_model, False)
                 unfused_logits = adapter_model(pixel_values=probe).logits
                 fused = adapter_model.merge_and_unload()
                 fused_logits = fused(pixel_values=probe).logits
             fused.save_pretrained(os.path.join(out, domain, "conv_adapter_fused"))
             domain_result["fusion"] = {
-                "max_relative_logit_difference": ((fused_logits - unfused_logits).abs().max()
-                                                  / unfused_logits.abs().max()).item(),
+                "max_relative_logit_difference": (
+                    (fused_logits - unfused_logits).abs().max() / unfused_logits.abs().max()
+                ).item(),
                 "class": type(fused).__name__,
                 "parameters": count_parameters(fused)[1],
                 "base_parameters": base_params,
@@ -358,8 +374,11 @@ NAMES = {
 
 
 def markdown_table(results: dict) -> str:
-    lines = [f"Source model on source test: balanced accuracy {results['source']['test']['balanced_accuracy']:.3f}, "
-             f"mIoU {results['source']['test']['mean_iou']:.3f}.", ""]
+    lines = [
+        f"Source model on source test: balanced accuracy {results['source']['test']['balanced_accuracy']:.3f}, "
+        f"mIoU {results['source']['test']['mean_iou']:.3f}.",
+        "",
+    ]
     for domain, result in results["targets"].items():
         lines += [
             f"### Target: {domain}",
@@ -372,7 +391,7 @@ def markdown_table(results: dict) -> str:
                 f"| {NAMES.get(method, method)} | {row['trainable_percent']:.2f} | {row['update_bytes']:,} | "
                 f"{row['balanced_accuracy']:.3f} | {row['mean_iou']:.3f} |"
             )
-        for key, row in result.get("ranked", {}).items():
+        for row in result.get("ranked", {}).values():
             if row["keep_fraction"] == 1.0 and row["score"] != "z":
                 continue
             lines.append(

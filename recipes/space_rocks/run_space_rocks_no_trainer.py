@@ -60,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
     parser.add_argument(
-        "--cpu", action="store_true", help="run on CPU; with torchrun this uses the gloo backend (env ACCELERATE_USE_CPU=1)"
+        "--cpu",
+        action="store_true",
+        help="run on CPU; with torchrun this uses the gloo backend (env ACCELERATE_USE_CPU=1)",
     )
     parser.add_argument(
         "--dump_rank_state", action="store_true", help="each rank writes its trainable tensors (checks DDP sync)"
@@ -134,9 +136,13 @@ def main(argv=None) -> dict:
             label2id={v: k for k, v in ROCK_LABELS.items()},
         )
         model, _ = train(
-            accelerator, UNetForSemanticSegmentation(config), split("source", "train", args.source_train_samples, True),
-            epochs=args.pretrain_epochs, learning_rate=args.pretrain_learning_rate,
-            batch_size=args.per_device_train_batch_size, desc="pretrain (source)",
+            accelerator,
+            UNetForSemanticSegmentation(config),
+            split("source", "train", args.source_train_samples, True),
+            epochs=args.pretrain_epochs,
+            learning_rate=args.pretrain_learning_rate,
+            batch_size=args.per_device_train_batch_size,
+            desc="pretrain (source)",
         )
         accelerator.wait_for_everyone()
         accelerator.unwrap_model(model).save_pretrained(
@@ -150,12 +156,20 @@ def main(argv=None) -> dict:
     model = prepare_for_adaptation(UNetForSemanticSegmentation.from_pretrained(source_dir), args.method)
     trainable, total = count_parameters(model)
     model, last_loss = train(
-        accelerator, model, split(args.target_domain, "train", args.target_train_samples, True),
-        epochs=args.adapt_epochs, learning_rate=args.learning_rate,
-        batch_size=args.per_device_train_batch_size, desc=f"adapt ({args.method}, {args.target_domain})",
+        accelerator,
+        model,
+        split(args.target_domain, "train", args.target_train_samples, True),
+        epochs=args.adapt_epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.per_device_train_batch_size,
+        desc=f"adapt ({args.method}, {args.target_domain})",
     )
-    metrics = evaluate(accelerator, model, split(args.target_domain, "test", args.test_samples, False),
-                       args.per_device_eval_batch_size)
+    metrics = evaluate(
+        accelerator,
+        model,
+        split(args.target_domain, "test", args.test_samples, False),
+        args.per_device_eval_batch_size,
+    )
 
     unwrapped = accelerator.unwrap_model(model)
     if args.dump_rank_state:
@@ -164,8 +178,10 @@ def main(argv=None) -> dict:
             if isinstance(unwrapped, PeftModel)
             else {k: v for k, v in unwrapped.state_dict().items()}
         )
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                  os.path.join(args.output_dir, f"rank{accelerator.process_index}.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            os.path.join(args.output_dir, f"rank{accelerator.process_index}.safetensors"),
+        )
     accelerator.wait_for_everyone()
     method_dir = os.path.join(args.output_dir, args.method)
     unwrapped.save_pretrained(method_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)

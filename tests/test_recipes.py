@@ -1,0 +1,85 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""The space-rocks recipe end to end (quick settings), and its accelerate twin under two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "space_rocks")
+
+
+def test_space_rocks_quick(tmp_path):
+    sys.path.insert(0, RECIPE)
+    try:
+        import run_space_rocks
+    finally:
+        sys.path.remove(RECIPE)
+    results = run_space_rocks.main(["--output_dir", str(tmp_path), "--quick", "--per_device_train_batch_size", "4"])
+    assert (tmp_path / "results.json").exists() and (tmp_path / "pareto_mars.png").stat().st_size > 10_000
+    table = (tmp_path / "results.md").read_text()
+    for row in (
+        "full fine-tuning",
+        "decoder-only tuning",
+        "conv adapters (BN + 1x1 conv)",
+        "BN-only adapters",
+        "top 66%",
+    ):
+        assert row in table
+    mars = results["targets"]["mars"]
+    assert set(mars["methods"]) == {"no adaptation", "full", "decoder", "conv_adapter", "bn_adapter"}
+    fusion = mars["fusion"]
+    assert fusion["flops"] == fusion["base_flops"]
+    assert fusion["max_relative_logit_difference"] < 1e-5
+    assert fusion["parameters"] - fusion["base_parameters"] > 0  # created biases only
+    assert mars["ranked"]["z@0.66"]["update_bytes"] < mars["methods"]["conv_adapter"]["update_bytes"]
+    # the saved adapter directories are standard peft directories with a model card carrying the metrics
+    card = (tmp_path / "mars" / "conv_adapter" / "README.md").read_text()
+    assert "balanced_accuracy" in card and "model-index" in card
+
+
+def test_accelerate_twin_two_cpu_processes(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        os.path.join(RECIPE, "run_space_rocks_no_trainer.py"),
+        "--cpu",
+        "--quick",
+        "--encoder_name",
+        "test_resnet",
+        "--output_dir",
+        str(tmp_path),
+        "--dump_rank_state",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "MULTI_CPU" in result.stderr + result.stdout
+    rank0 = load_file(tmp_path / "rank0.safetensors")
+    rank1 = load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["num_processes"] == 2
+
+    from peft_vision_ext.models import UNetForSemanticSegmentation
+
+    base = UNetForSemanticSegmentation.from_pretrained(tmp_path / "source_model")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "conv_adapter")
+    loaded_state = get_peft_model_state_dict(loaded)
+    assert loaded_state.keys() == rank0.keys()
+    assert all(torch.equal(loaded_state[key], rank0[key]) for key in rank0)
