@@ -1,0 +1,34 @@
+# peft-vision-ext: two commands on a fresh machine.
+#   make demo   creates .venv, installs, runs the space-rocks recipe (CPU, about 10 minutes), prints its table
+#   make test   creates .venv, installs, runs the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= outputs/space_rocks
+
+.PHONY: demo test lint benchmark clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch from PyPI (its default build runs on CPU too); timm needs the matching torchvision.
+	$(BIN)/pip install --quiet torch torchvision
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python recipes/space_rocks/run_space_rocks.py recipes/space_rocks/space_rocks.json
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --timeout 900
+
+lint: $(STAMP)
+	$(BIN)/ruff check peft_vision_ext recipes benchmarks tests
+	$(BIN)/ruff format --check peft_vision_ext recipes benchmarks tests
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/bench_conv_adapter.py --markdown
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
