@@ -277,3 +277,42 @@ def test_foreign_model_gets_a_warning_about_created_biases():
     model = _peft(make_tiny_cnn(), init_weights=False).eval()
     with pytest.warns(UserWarning, match="does not recreate them on `from_pretrained`"):
         model.merge_and_unload()
+
+
+@torch.no_grad()
+def test_folded_kernel_cache_is_reused_and_invalidated():
+    model = _peft(make_tiny_cnn(), init_weights=False).eval()
+    stem = model.base_model.model.stem
+    x = torch.randn(1, 3, 16, 16)
+    first = model(x)
+    cached = stem._fold_cache[1][0]
+    model(x)
+    assert stem._fold_cache[1][0] is cached, "a second forward must reuse the folded kernel"
+    stem.convadapter_conv["default"].weight.mul_(2.0)  # an in-place update, as an optimizer step does
+    changed = model(x)
+    assert stem._fold_cache[1][0] is not cached and not torch.allclose(changed, first)
+    for layer in model.modules():
+        if isinstance(layer, ConvAdapterLayer):
+            layer.fold_in_eval = False
+    assert rel_diff(changed, model(x)) < 1e-5, "the refreshed kernel must equal the branch computation"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict({k: (v * 0.5 if "convadapter_conv" in k else v) for k, v in state.items()})
+    for layer in model.modules():
+        if isinstance(layer, ConvAdapterLayer):
+            layer.fold_in_eval = True
+    folded = model(x)
+    for layer in model.modules():
+        if isinstance(layer, ConvAdapterLayer):
+            layer.fold_in_eval = False
+    assert rel_diff(folded, model(x)) < 1e-5
+    model.train()
+    assert stem._fold_cache is None, "train() drops the cached kernel"
+
+
+def test_eval_mode_with_gradients_trains_through_the_fold():
+    model = _peft(make_tiny_cnn(), init_weights=False).eval()
+    loss = model(torch.randn(1, 3, 16, 16)).square().mean()
+    loss.backward()
+    grad = model.base_model.model.stem.convadapter_conv["default"].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert model.base_model.model.stem._fold_cache is None  # nothing cached while a graph is needed

@@ -72,7 +72,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    image_size: int = field(default=96, metadata={"help": "Square image size of the embedded rock scenes."})
+    image_size: int = field(default=128, metadata={"help": "Square image size of the embedded rock scenes."})
     source_train_samples: int = field(default=600, metadata={"help": "Source-domain training scenes."})
     target_domains: list[str] = field(
         default_factory=lambda: ["moon-real", "mars"], metadata={"help": "Target domains to adapt to."}
@@ -396,7 +396,7 @@ def markdown_table(results: dict) -> str:
                 continue
             lines.append(
                 f"| conv adapters, top {100 * row['keep_fraction']:.0f}% by {row['score']} ({row['kept']} kept, "
-                f"{100 * row['reduction']:.0f}% smaller) | - | {row['update_bytes']:,} | "
+                f"{100 * row['reduction']:.1f}% smaller) | - | {row['update_bytes']:,} | "
                 f"{row['balanced_accuracy']:.3f} | {row['mean_iou']:.3f} |"
             )
         fusion = result.get("fusion")

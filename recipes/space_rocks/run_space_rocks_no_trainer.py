@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source_model", help="directory of a pretrained source U-Net (skips pretraining)")
     parser.add_argument("--method", default="conv_adapter", choices=ADAPTATION_METHODS)
     parser.add_argument("--target_domain", default="mars")
-    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--source_train_samples", type=int, default=600)
     parser.add_argument("--target_train_samples", type=int, default=80)
     parser.add_argument("--test_samples", type=int, default=100)

@@ -71,6 +71,7 @@ class ConvAdapterLayer(BaseTunerLayer):
         self._bias_created_by_merge = False
         # Fold eval-mode adapters into the kernel in `forward` (see there); tests switch it off to check both paths.
         self.fold_in_eval = True
+        self._fold_cache: tuple | None = None
         self.kwargs = kwargs
 
     def update_layer(
@@ -161,6 +162,15 @@ class ConvAdapterLayer(BaseTunerLayer):
             delta_b = a * bias + c
             return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
 
+        centre, delta_b = self._centre_tap_delta(adapter_name)
+        kh, kw = base.kernel_size
+        # The 1x1 kernel W1 diag(a) goes to the centre tap: (C_out, C_in/g, 1, 1) -> (C_out, C_in/g, kh, kw).
+        delta_w = F.pad(centre[:, :, None, None], (kw // 2, kw // 2, kh // 2, kh // 2))
+        return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
+
+    def _centre_tap_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a "conv" adapter: the centre-tap kernel ``W1 diag(a)`` ``(C_out, C_in/g)`` and bias ``W1 c + b1``."""
+        base = self.get_base_layer()
         conv = self.convadapter_conv[adapter_name]
         a, c = self._bn_affine(adapter_name)  # (C_in,)
         groups = base.groups
@@ -174,10 +184,49 @@ class ConvAdapterLayer(BaseTunerLayer):
         delta_b = (w1 * c_per_out).sum(dim=1)  # (C_out,)
         if conv.bias is not None:
             delta_b = delta_b + conv.bias.float()
+        return w1 * a_per_out, delta_b
+
+    def _fold_tensors(self, active: list[str]) -> list[torch.Tensor | None]:
+        """Every tensor the folded kernel depends on (for the cache key)."""
+        base = self.get_base_layer()
+        tensors = [base.weight, base.bias]
+        for name in active:
+            tensors += [*self.convadapter_bn[name].parameters(), *self.convadapter_bn[name].buffers()]
+            if name in self.convadapter_conv:
+                tensors += list(self.convadapter_conv[name].parameters())
+        return tensors
+
+    def folded_weight(self, active: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias of the conv with the (eval-mode) adapters ``active`` folded in.
+
+        Without gradients the result is cached, keyed on the identity and in-place version of every tensor it depends
+        on, so an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it; ``train()``, ``merge`` and
+        ``unmerge`` drop it. One extra kernel per layer is the price of unfused inference at the fused model's speed.
+        """
+        tensors = self._fold_tensors(active)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        key = None
+        if not needs_grad:
+            key = (tuple(active), tuple(None if t is None else (t.data_ptr(), t._version, t.device) for t in tensors))
+            if self._fold_cache is not None and self._fold_cache[0] == key:
+                return self._fold_cache[1]
+        base = self.get_base_layer()
         kh, kw = base.kernel_size
-        # The 1x1 kernel W1 diag(a) goes to the centre tap: (C_out, C_in/g, 1, 1) -> (C_out, C_in/g, kh, kw).
-        delta_w = F.pad((w1 * a_per_out)[:, :, None, None], (kw // 2, kw // 2, kh // 2, kh // 2))
-        return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
+        weight = base.weight.clone()  # (C_out, C_in/g, kh, kw)
+        bias = None if base.bias is None else base.bias.clone()
+        for name in active:
+            if self.adapter_type[name] == "conv":
+                centre, delta_b = self._centre_tap_delta(name)
+                # In place on the clone: touches C_out x C_in/g entries instead of building a padded k x k delta.
+                weight[:, :, kh // 2, kw // 2] += centre.to(weight.dtype)
+            else:
+                delta_w, delta_b = self.get_delta_weight(name)
+                weight = weight + delta_w
+            delta_b = delta_b.to(weight.dtype)
+            bias = delta_b if bias is None else bias + delta_b
+        if key is not None:
+            self._fold_cache = (key, (weight.detach(), bias.detach()))
+        return weight, bias
 
 
 class Conv2d(nn.Module, ConvAdapterLayer):
@@ -221,6 +270,7 @@ class Conv2d(nn.Module, ConvAdapterLayer):
         if not adapter_names:
             return
         self._check_merge_compatible(adapter_names)
+        self._fold_cache = None
         base = self.get_base_layer()
         for name in adapter_names:
             if self.convadapter_bn[name].training:
@@ -254,6 +304,7 @@ class Conv2d(nn.Module, ConvAdapterLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        self._fold_cache = None
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -270,6 +321,10 @@ class Conv2d(nn.Module, ConvAdapterLayer):
             base.bias = None
             self._bias_created_by_merge = False
 
+    def train(self, mode: bool = True) -> Conv2d:
+        self._fold_cache = None  # training changes the weights; do not hold a stale kernel copy meanwhile
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -280,15 +335,10 @@ class Conv2d(nn.Module, ConvAdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.fold_in_eval and not any(self.convadapter_bn[name].training for name in active):
             # Eval mode: every adapter is an affine map of the conv's input or output, so fold them into the kernel
-            # on the fly. One conv instead of 1 + len(active) passes over the activations; differentiable in the
-            # adapter weights, and equal to the branch computation up to float rounding.
-            base = self.get_base_layer()
-            weight, bias = base.weight, base.bias
-            for name in active:
-                delta_w, delta_b = self.get_delta_weight(name)
-                weight = weight + delta_w
-                bias = delta_b if bias is None else bias + delta_b
-            return base._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, bias)
+            # (cached, see `folded_weight`). One conv instead of 1 + len(active) passes over the activations;
+            # differentiable in the adapter weights, and equal to the branch computation up to float rounding.
+            weight, bias = self.folded_weight(active)
+            return self.get_base_layer()._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, bias)
         result = self.base_layer(x, *args, **kwargs)  # (B, C_out, H', W')
         base_out = result
         for name in active:

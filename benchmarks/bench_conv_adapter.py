@@ -1,0 +1,821 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""Benchmark conv adapters (seed 000) on timm U-Nets: inference latency, training step time, memory, params, FLOPs.
+
+What is measured, per encoder (default ``resnet18`` and ``vgg19_bn``, ``num_labels=3``, square ``--size`` input):
+
+* **Inference** (``model.eval()``, ``torch.inference_mode()``), per batch size in ``--batch-sizes``, four variants:
+  ``base`` (the plain U-Net), ``unfused`` (peft model, conv adapters on every fusable conv, default eval fast path
+  that folds each adapter into the kernel on the fly), ``unfused_branch`` (the same model with ``fold_in_eval=False``
+  on every ``ConvAdapterLayer``: conv + BN + 1x1 conv branch per layer) and ``fused`` (``merge_and_unload``). The
+  adapters carry random weights and BN statistics (``init_weights=False``) so that fused and unfused outputs can be
+  compared (``max_abs_diff_*`` in the JSON).
+* **Training** (``model.train()``, one step = ``zero_grad`` + forward with labels + cross-entropy backward + AdamW
+  step), per batch size in ``--train-batch-sizes``: ``full_ft`` (plain U-Net, every parameter trainable),
+  ``conv_adapter`` (``ConvAdapterConfig(modules_to_save=["segmentation_head"])``) and ``bn_adapter`` (the same with
+  ``adapter_type="bn"``).
+* **Parameters**: base, trainable with each adapter type, fused (= base + biases created for bias-free convs).
+* **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode`` at batch 1: one inference forward per variant (fused
+  must equal base exactly), and one training forward+backward per training variant. The counter only counts
+  matmul/conv-like ops (no BN, elementwise, pad or add), so the on-the-fly fold of the fast path is invisible to it.
+
+Timing method: every variant of a group (one encoder, one mode, one batch size) is built up front and warmed up
+(inference: ``--warmup`` untimed calls, the last of them the memory-tracked call below; training: ``--warmup``
+untimed steps, which also create the AdamW state, then the memory-tracked step); then ``--repeats`` rounds run the variants round-robin, the starting variant rotating each round (A B C D, B C D A,
+...), so that drift (thermal, other processes on a shared machine) hits every variant alike. Each call is timed on
+two clocks: wall time (``time.perf_counter``) and the process's CPU time (``time.process_time``, all threads).
+Reported per clock: the median and IQR/min/max over rounds, and the ratio to the reference (``base`` resp.
+``full_ft``) as the median [IQR] of the per-round ratios (each round's variant time over the same round's reference
+time). On a machine shared with other CPU-bound jobs, wall time measures the neighbours as much as the model, while
+the process's CPU time barely moves, provided that idle OpenMP threads sleep instead of spinning (a spinning thread
+burns CPU time, and under oversubscription it also starves the thread it waits for, inflating wall time several
+fold). The script therefore sets ``OMP_WAIT_POLICY=PASSIVE`` before importing torch unless the environment sets it.
+On a dedicated machine wall time is the latency to quote; note that CPU time counts a parallel section once per
+thread and a serial one once, so CPU-time ratios slightly underweight serial overheads (Python, small ops). On CUDA
+every timed call is bracketed by ``torch.cuda.synchronize()`` and only wall time is meaningful.
+
+Memory method (tensor memory, the CPU analogue of ``torch.cuda.max_memory_allocated``): one extra, untimed call per
+variant and group runs under a ``TorchDispatchMode`` that records every tensor storage an op creates and frees it
+when the storage dies (weakref finalizer), giving the peak bytes of tensors created during the call and still alive
+at the same time ("transient peak": activations, saved tensors, gradients, optimizer temporaries, on-the-fly folded
+kernels). To it is added the "static" memory alive when the call starts: the model's parameters and buffers,
+the optimizer state (AdamW moments; the tracked training step runs after ``--warmup`` untimed steps, which create
+that state) and the input batch; gradients are freed before the tracked step, as its own ``zero_grad`` would, and
+are counted in the transient peak. ``peak = static + transient peak``. It is deterministic and independent of the
+allocator, but does not see library scratch buffers (oneDNN reorders, workspaces) or allocator fragmentation. On
+CUDA the same numbers come from the caching allocator: ``static = memory_allocated()`` before the call,
+``peak = max_memory_allocated()`` after ``reset_peak_memory_stats()``.
+
+Optional RSS cross-check (``--rss``, or ``--rss-only`` without timing and FLOPs; CPU/Linux only): for every variant a fresh subprocess of this script imports
+torch, releases free heap (``malloc_trim``) and records its RSS, builds the variant, runs ``--warmup`` (+1 for
+training) calls, collects garbage and trims again, records RSS, resets the kernel's peak-RSS counter
+(``echo 5 > /proc/self/clear_refs``), runs one call and reads ``VmHWM``. Reported: the RSS of the built, warmed model
+over the post-import baseline, and the peak RSS during the call over that baseline (what the process really held,
+including allocator and oneDNN overheads).
+
+Usage (the JSON goes to ``--output``, ``--markdown`` prints the tables; the full CPU run takes about 5 min on a
+shared 2-core Zen 4 VM, the RSS cross-check about as long)::
+
+    python benchmarks/bench_conv_adapter.py --encoders resnet18 vgg19_bn --size 256 --batch-sizes 1 4 \
+        --repeats 5 --device cpu --output benchmarks/results/conv_adapter.json --markdown
+    python benchmarks/bench_conv_adapter.py --rss-only --encoders resnet18 vgg19_bn --size 256 --batch-sizes 1 4 \
+        --output benchmarks/results/conv_adapter_rss.json --markdown
+    python benchmarks/bench_conv_adapter.py --device cuda --batch-sizes 1 4 8 --train-batch-sizes 4 8 --markdown
+
+``--quick`` is a smoke run (1 round, tiny defaults) used by ``tests/test_benchmarks_smoke.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning (see the module docstring).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import peft_vision_ext  # noqa: E402,F401  (registers ConvAdapterConfig with peft)
+from peft_vision_ext import ConvAdapterConfig  # noqa: E402
+from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
+from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer  # noqa: E402
+
+
+INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
+TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter")
+NUM_LABELS = 3
+MIB = 1024**2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory measurement
+# --------------------------------------------------------------------------------------------------------------------
+class TensorMemoryTracker(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the context and alive at the same time.
+
+    A storage counts when an op returns it and none of the op's inputs holds it (so views and in-place results of
+    existing tensors do not count), and stops counting when it is freed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        nbytes = self.live.pop(key, None)
+        if nbytes is not None:
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        out = func(*args, **kwargs)
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self.live:
+                continue
+            self.live[key] = nbytes
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._release, key)
+        return out
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def static_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: Iterable[torch.Tensor]):
+    """Tensors alive across calls: parameters, existing gradients, buffers, optimizer state, the input batch."""
+    yield from model.parameters()
+    yield from (p.grad for p in model.parameters() if p.grad is not None)
+    yield from model.buffers()
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+    yield from batch
+
+
+def measure_memory(
+    fn: Callable[[], Any], device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer | None, batch
+) -> tuple[dict[str, int], Any]:
+    """Run ``fn`` once and return ``({static, transient_peak, peak} bytes, fn's result)``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        static = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"static_bytes": static, "transient_peak_bytes": peak - static, "peak_bytes": peak}, result
+    static = tensor_bytes(static_tensors(model, optimizer, batch))
+    with TensorMemoryTracker() as tracker:
+        result = fn()
+    return {"static_bytes": static, "transient_peak_bytes": tracker.peak, "peak_bytes": static + tracker.peak}, result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+def build_base(encoder: str, seed: int) -> UNetForSemanticSegmentation:
+    torch.manual_seed(seed)
+    return UNetForSemanticSegmentation(UNetConfig(encoder_name=encoder, num_labels=NUM_LABELS))
+
+
+def adapter_layers(model: nn.Module) -> list[ConvAdapterLayer]:
+    return [module for module in model.modules() if isinstance(module, ConvAdapterLayer)]
+
+
+def set_fold_in_eval(model: nn.Module, value: bool) -> None:
+    for layer in adapter_layers(model):
+        layer.fold_in_eval = value
+
+
+def build_peft(base: nn.Module, adapter_type: str = "conv", init_weights: bool = True) -> nn.Module:
+    config = ConvAdapterConfig(
+        adapter_type=adapter_type, init_weights=init_weights, modules_to_save=["segmentation_head"]
+    )
+    return get_peft_model(copy.deepcopy(base), config)
+
+
+def build_inference_variants(base: nn.Module, device: torch.device) -> dict[str, nn.Module]:
+    """The four inference variants; ``unfused`` and ``unfused_branch`` are one model with ``fold_in_eval`` toggled."""
+    unfused = build_peft(base, init_weights=False).eval()
+    fused = copy.deepcopy(unfused).merge_and_unload().eval()
+    models = {"base": base.eval(), "unfused": unfused, "unfused_branch": unfused, "fused": fused}
+    return {name: model.to(device) for name, model in models.items()}
+
+
+def build_inference_variant(name: str, base: nn.Module) -> nn.Module:
+    if name == "base":
+        return base.eval()
+    unfused = build_peft(base, init_weights=False).eval()
+    if name == "fused":
+        return unfused.merge_and_unload().eval()
+    set_fold_in_eval(unfused, name == "unfused")
+    return unfused
+
+
+def build_training_variant(name: str, base: nn.Module) -> nn.Module:
+    if name == "full_ft":
+        model = copy.deepcopy(base)
+        model.requires_grad_(True)
+    elif name == "conv_adapter":
+        model = build_peft(base, "conv")
+    elif name == "bn_adapter":
+        model = build_peft(base, "bn")
+    else:
+        raise ValueError(f"Unknown training variant {name!r}.")
+    return model.train()
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def inference_call(model: nn.Module, x: torch.Tensor, fold: bool | None) -> Callable[[], torch.Tensor]:
+    def call() -> torch.Tensor:
+        if fold is not None:
+            set_fold_in_eval(model, fold)
+        with torch.inference_mode():
+            return model(pixel_values=x).logits
+
+    return call
+
+
+def training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(pixel_values=x, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------------
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def interleaved_times(
+    calls: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call: ``repeats`` rounds of every variant, round-robin, rotating start."""
+    names = list(calls)
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            calls[name]()
+            sync()
+            wall_end, cpu_end = time.perf_counter(), time.process_time()
+            times[name]["wall"].append(wall_end - wall_start)
+            times[name]["cpu"].append(cpu_end - cpu_start)
+    return times
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+
+
+def timing_report(times: dict[str, dict[str, list[float]]], reference: str) -> dict[str, dict[str, Any]]:
+    """Per variant and clock: raw values, their summary, and the summary of the per-round ratios to ``reference``."""
+    report = {}
+    for name, clocks in times.items():
+        report[name] = {}
+        for clock, values in clocks.items():
+            paired = [value / ref for value, ref in zip(values, times[reference][clock])]
+            report[name][clock] = {"values_s": values, "time_s": summarize(values), "ratio": summarize(paired)}
+    return report
+
+
+def fold_only_call(model: nn.Module) -> Callable[[], None]:
+    """What the eval fast path computes besides its conv: every layer's folded kernel and bias (no convolution)."""
+    layers = adapter_layers(model)
+
+    def call() -> None:
+        with torch.inference_mode():
+            for layer in layers:
+                base = layer.get_base_layer()
+                weight, bias = base.weight, base.bias
+                for name in layer.active_adapters:
+                    if name in layer.convadapter_bn:
+                        delta_w, delta_b = layer.get_delta_weight(name)
+                        weight = weight + delta_w
+                        bias = delta_b if bias is None else bias + delta_b
+
+    return call
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------------------------------
+def count_flops(fn: Callable[[], Any]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RSS cross-check (fresh subprocess per variant)
+# --------------------------------------------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: RSS of one built variant and peak RSS during one call (see module docstring)."""
+    torch.set_num_threads(spec["threads"])
+    _trim_heap()
+    baseline = _proc_status_kib("VmRSS")
+    base = build_base(spec["encoder"], spec["seed"])
+    size, batch_size = spec["size"], spec["batch_size"]
+    x = torch.randn(batch_size, 3, size, size)
+    if spec["mode"] == "inference":
+        model = build_inference_variant(spec["variant"], base)
+        del base
+        call = inference_call(model, x, None)
+        calls = spec["warmup"]
+    else:
+        model = build_training_variant(spec["variant"], base)
+        del base
+        labels = torch.randint(0, NUM_LABELS, (batch_size, size, size))
+        call = training_step(model, make_optimizer(model), x, labels)
+        calls = spec["warmup"] + 1
+    for _ in range(max(calls, 1)):
+        call()
+    _trim_heap()
+    before = _proc_status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        peak_includes_setup = False
+    except OSError:
+        peak_includes_setup = True
+    call()
+    if peak_includes_setup:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    else:
+        peak = _proc_status_kib("VmHWM")
+    return {
+        "baseline_kib": baseline,
+        "model_rss_bytes": (before - baseline) * 1024,
+        "peak_rss_bytes": (peak - baseline) * 1024,
+        "step_rss_increase_bytes": (peak - before) * 1024,
+        "peak_includes_setup": peak_includes_setup,
+    }
+
+
+def run_rss(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--rss-worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS worker failed for {spec}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------------
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    sync = synchronizer(device)
+    size = args.size
+    result: dict[str, Any] = {}
+    base = build_base(encoder, args.seed).to(device)
+
+    # ---- parameters -------------------------------------------------------------------------------------------------
+    models = build_inference_variants(base, device)
+    conv_train = build_training_variant("conv_adapter", base)
+    bn_train = build_training_variant("bn_adapter", base)
+    head = count_params(base.segmentation_head)
+    params = {
+        "base": count_params(base),
+        "fused": count_params(models["fused"]),
+        "adapted_convs": len(adapter_layers(conv_train)),
+        "segmentation_head": head,
+    }
+    params["fused_created_bias"] = params["fused"] - params["base"]
+    for name, model in (("conv_adapter", conv_train), ("bn_adapter", bn_train)):
+        adapter = sum(p.numel() for n, p in model.named_parameters() if "convadapter_" in n)
+        params[name] = {
+            "trainable": count_params(model, trainable_only=True),
+            "adapter_only": adapter,
+            "trainable_pct_of_base": 100.0 * count_params(model, trainable_only=True) / params["base"],
+        }
+    result["params"] = params
+    del conv_train, bn_train
+
+    # ---- FLOPs (batch 1) --------------------------------------------------------------------------------------------
+    x1 = torch.randn(1, 3, size, size, device=device)
+    folds = {"base": None, "unfused": True, "unfused_branch": False, "fused": None}
+    inference_flops = {name: count_flops(inference_call(models[name], x1, folds[name])) for name in INFERENCE_VARIANTS}
+    training_flops = {}
+    labels1 = torch.randint(0, NUM_LABELS, (1, size, size), device=device)
+    for name in TRAINING_VARIANTS:
+        model = build_training_variant(name, base).to(device)
+
+        def forward_backward(model: nn.Module = model) -> None:
+            model(pixel_values=x1, labels=labels1).loss.backward()
+
+        training_flops[name] = count_flops(forward_backward)
+        del model
+    result["flops"] = {
+        "batch_size": 1,
+        "inference": inference_flops,
+        "fused_equals_base": inference_flops["fused"] == inference_flops["base"],
+        "training_forward_backward": training_flops,
+    }
+    log(f"{encoder}: params and FLOPs done")
+
+    # ---- inference --------------------------------------------------------------------------------------------------
+    result["inference"] = {}
+    for batch_size in args.batch_sizes:
+        x = torch.randn(batch_size, 3, size, size, device=device)
+        calls = {name: inference_call(models[name], x, folds[name]) for name in INFERENCE_VARIANTS}
+        memory, outputs = {}, {}
+        for name, call in calls.items():
+            for _ in range(args.warmup - 1):
+                call()
+            memory[name], outputs[name] = measure_memory(call, device, models[name], None, [x])
+        times = interleaved_times(calls, args.repeats, sync)
+        group = timing_report(times, "base")
+        for name in INFERENCE_VARIANTS:
+            group[name]["memory"] = memory[name]
+            group[name]["memory"]["peak_ratio_vs_base"] = memory[name]["peak_bytes"] / memory["base"]["peak_bytes"]
+        ref = outputs["unfused_branch"].float()
+        group["max_abs_diff_fused_vs_branch"] = (outputs["fused"].float() - ref).abs().max().item()
+        group["max_abs_diff_fast_vs_branch"] = (outputs["unfused"].float() - ref).abs().max().item()
+        group["max_abs_logit"] = ref.abs().max().item()
+        result["inference"][f"bs{batch_size}"] = group
+        del outputs
+        log(f"{encoder}: inference bs{batch_size} done")
+
+    fold = fold_only_call(models["unfused"])
+    fold()
+    fold_times = interleaved_times({"fold": fold}, max(args.repeats, 5), sync)["fold"]
+    reference = result["inference"][f"bs{args.batch_sizes[0]}"]["base"]
+    result["fold_only"] = {
+        "description": "fast-path fold of every adapter (deltas + kernel add), without convs, per forward",
+        "reference": f"base forward at batch size {args.batch_sizes[0]}",
+    }
+    for clock, values in fold_times.items():
+        result["fold_only"][clock] = {
+            "values_s": values,
+            "time_s": summarize(values),
+            "pct_of_reference": 100.0 * statistics.median(values) / reference[clock]["time_s"]["median"],
+        }
+    del models, calls, fold
+    gc.collect()
+
+    # ---- training ---------------------------------------------------------------------------------------------------
+    result["training"] = {}
+    for batch_size in args.train_batch_sizes:
+        x = torch.randn(batch_size, 3, size, size, device=device)
+        labels = torch.randint(0, NUM_LABELS, (batch_size, size, size), device=device)
+        steps, memory = {}, {}
+        for name in TRAINING_VARIANTS:
+            model = build_training_variant(name, base).to(device)
+            optimizer = make_optimizer(model)
+            steps[name] = training_step(model, optimizer, x, labels)
+            for _ in range(max(args.warmup, 1)):
+                steps[name]()
+            # The step frees the previous gradients first (zero_grad(set_to_none=True)), so they never coexist with
+            # the new ones: free them before taking the static memory, or they would be counted twice.
+            optimizer.zero_grad(set_to_none=True)
+            memory[name], _ = measure_memory(steps[name], device, model, optimizer, [x, labels])
+        times = interleaved_times(steps, args.train_repeats, sync)
+        group = timing_report(times, "full_ft")
+        for name in TRAINING_VARIANTS:
+            group[name]["memory"] = memory[name]
+            group[name]["memory"]["peak_ratio_vs_full_ft"] = (
+                memory[name]["peak_bytes"] / memory["full_ft"]["peak_bytes"]
+            )
+        result["training"][f"bs{batch_size}"] = group
+        del steps
+        gc.collect()
+        log(f"{encoder}: training bs{batch_size} done")
+
+    if args.rss:
+        result["rss"] = bench_rss(encoder, args)
+    return result
+
+
+def bench_rss(encoder: str, args: argparse.Namespace) -> dict[str, Any]:
+    """RSS cross-check: one fresh subprocess per variant and group (see module docstring)."""
+    size = args.size
+    rss: dict[str, Any] = {}
+    common = {"encoder": encoder, "size": size, "seed": args.seed, "threads": args.threads, "warmup": args.warmup}
+    for mode, variants, sizes in (
+        ("inference", INFERENCE_VARIANTS, args.batch_sizes),
+        ("training", TRAINING_VARIANTS, args.train_batch_sizes),
+    ):
+        for batch_size in sizes:
+            rss[f"{mode}_bs{batch_size}"] = {
+                name: run_rss({**common, "mode": mode, "variant": name, "batch_size": batch_size}) for name in variants
+            }
+            log(f"{encoder}: RSS {mode} bs{batch_size} done")
+    return rss
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = None
+    try:
+        with open("/proc/meminfo") as handle:
+            ram = int(handle.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "ram_bytes": ram,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------------------------
+def _spread(stats: dict[str, float], scale: float, fmt: str) -> str:
+    return f"{stats['median'] * scale:{fmt}} [{stats['q1'] * scale:{fmt}}–{stats['q3'] * scale:{fmt}}]"
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    lines: list[str] = []
+    meta = data["meta"]
+    results = data["results"]
+    if all("inference" in result for result in results.values()):
+        lines += _timing_markdown(meta, results)
+    if any("rss" in result for result in results.values()):
+        lines += _rss_markdown(results)
+    return "\n".join(lines)
+
+
+def _time_cells(entry: dict[str, Any], clocks: tuple[str, ...], scale: float, fmt: str) -> str:
+    cells = []
+    for clock in clocks:
+        cells += [_spread(entry[clock]["time_s"], scale, fmt), _spread(entry[clock]["ratio"], 1, ".3f")]
+    return " | ".join(cells)
+
+
+def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    clocks = ("cpu", "wall") if meta["machine"]["device"] == "cpu" else ("wall",)
+    headers = {"cpu": "CPU time", "wall": "wall time"}
+    lines = [
+        f"Inference, eval mode, `torch.inference_mode`, {meta['size']}×{meta['size']}, {meta['repeats']} interleaved "
+        "rounds. Times: median [IQR] ms per batch (CPU time = process CPU time of the call, all threads). Ratios: "
+        "median [IQR] of the per-round ratios to `base`. Peak mem: tensor memory (static + transient), MiB.",
+        "",
+        "| encoder | batch | variant | "
+        + " | ".join(f"{headers[c]} (ms) | {headers[c]} ratio" for c in clocks)
+        + " | peak mem (MiB) | mem ratio |",
+        "|---|---|---|" + "---|---|" * len(clocks) + "---|---|",
+    ]
+    for encoder, result in results.items():
+        for group_name, group in result["inference"].items():
+            for name in INFERENCE_VARIANTS:
+                entry = group[name]
+                lines.append(
+                    f"| {encoder} | {group_name[2:]} | {name} | {_time_cells(entry, clocks, 1e3, '.0f')} | "
+                    f"{entry['memory']['peak_bytes'] / MIB:.1f} | {entry['memory']['peak_ratio_vs_base']:.3f} |"
+                )
+    lines += [
+        "",
+        f"Training step (zero_grad + forward + backward + AdamW), train mode, {meta['train_repeats']} interleaved "
+        "rounds. Times: median [IQR] s per step. Ratios: median [IQR] of per-round ratios to `full_ft`. Static: "
+        "params + buffers + AdamW state + batch; peak = static + transient (activations, saved tensors, grads), MiB.",
+        "",
+        "| encoder | batch | variant | "
+        + " | ".join(f"{headers[c]} (s) | {headers[c]} ratio" for c in clocks)
+        + " | static (MiB) | peak mem (MiB) | mem ratio |",
+        "|---|---|---|" + "---|---|" * len(clocks) + "---|---|---|",
+    ]
+    for encoder, result in results.items():
+        for group_name, group in result["training"].items():
+            for name in TRAINING_VARIANTS:
+                entry = group[name]
+                lines.append(
+                    f"| {encoder} | {group_name[2:]} | {name} | {_time_cells(entry, clocks, 1, '.2f')} | "
+                    f"{entry['memory']['static_bytes'] / MIB:.1f} | {entry['memory']['peak_bytes'] / MIB:.1f} | "
+                    f"{entry['memory']['peak_ratio_vs_full_ft']:.3f} |"
+                )
+    lines += [
+        "",
+        "Parameters and FLOPs (FlopCounterMode, batch 1; counts conv/matmul ops only).",
+        "",
+        "| encoder | base params | fused params (created biases) | adapted convs | trainable, conv adapter | "
+        "trainable, BN adapter | GFLOPs base | fused | unfused (fast) | unfused (branch) | fused == base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for encoder, result in results.items():
+        p, f = result["params"], result["flops"]["inference"]
+        lines.append(
+            f"| {encoder} | {p['base']:,} | {p['fused']:,} (+{p['fused_created_bias']:,}) | {p['adapted_convs']} | "
+            f"{p['conv_adapter']['trainable']:,} ({p['conv_adapter']['trainable_pct_of_base']:.1f}%) | "
+            f"{p['bn_adapter']['trainable']:,} ({p['bn_adapter']['trainable_pct_of_base']:.2f}%) | "
+            f"{f['base'] / 1e9:.3f} | {f['fused'] / 1e9:.3f} | {f['unfused'] / 1e9:.3f} | "
+            f"{f['unfused_branch'] / 1e9:.3f} | {result['flops']['fused_equals_base']} |"
+        )
+    lines += [
+        "",
+        "Training FLOPs, one forward + backward at batch 1 (GFLOPs; ratio vs full FT).",
+        "",
+        "| encoder | full_ft | conv_adapter | bn_adapter |",
+        "|---|---|---|---|",
+    ]
+    for encoder, result in results.items():
+        t = result["flops"]["training_forward_backward"]
+        cells = [f"{t[name] / 1e9:.2f} ({t[name] / t['full_ft']:.3f})" for name in TRAINING_VARIANTS]
+        lines.append(f"| {encoder} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Fold fast path: every layer's folded kernel and bias computed alone (no convs), once per forward: median "
+        "[IQR] ms and % of the base forward at the first batch size; max |logit difference| at that batch size.",
+        "",
+        "| encoder | "
+        + " | ".join(f"fold {headers[c]} (ms) | % of base" for c in clocks)
+        + " | max abs diff fused vs branch | max abs diff fast vs branch | max abs logit |",
+        "|---|" + "---|---|" * len(clocks) + "---|---|---|",
+    ]
+    for encoder, result in results.items():
+        fold = result["fold_only"]
+        cells = " | ".join(
+            f"{_spread(fold[c]['time_s'], 1e3, '.1f')} | {fold[c]['pct_of_reference']:.1f}%" for c in clocks
+        )
+        group = next(iter(result["inference"].values()))
+        lines.append(
+            f"| {encoder} | {cells} | {group['max_abs_diff_fused_vs_branch']:.2e} | "
+            f"{group['max_abs_diff_fast_vs_branch']:.2e} | {group['max_abs_logit']:.2e} |"
+        )
+    return lines
+
+
+def _rss_markdown(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "RSS cross-check (fresh process per variant): RSS of the built, warmed model and peak RSS during one call, "
+        "both over the post-import baseline, MiB.",
+        "",
+        "| encoder | group | variant | model RSS | peak RSS during call | peak ratio vs reference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for encoder, result in results.items():
+        for group_name, group in result.get("rss", {}).items():
+            reference = group.get("base") or group["full_ft"]
+            for name, entry in group.items():
+                lines.append(
+                    f"| {encoder} | {group_name} | {name} | {entry['model_rss_bytes'] / MIB:.1f} | "
+                    f"{entry['peak_rss_bytes'] / MIB:.1f} | "
+                    f"{entry['peak_rss_bytes'] / reference['peak_rss_bytes']:.3f} |"
+                )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoders", nargs="+", default=["resnet18", "vgg19_bn"])
+    parser.add_argument("--size", type=int, default=None, help="square input size (default 256; 64 with --quick)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="inference (default 1 4)")
+    parser.add_argument("--train-batch-sizes", nargs="+", type=int, default=None, help="training (default 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="inference rounds (default 5; 1 with --quick)")
+    parser.add_argument("--train-repeats", type=int, default=None, help="training rounds (default 3; 1 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing (>= 1)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="benchmarks/results/conv_adapter.json")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown on stdout")
+    parser.add_argument("--rss", action="store_true", help="also measure RSS, one fresh subprocess per variant")
+    parser.add_argument("--rss-only", action="store_true", help="only the RSS cross-check (no timing, no FLOPs)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, size 64, batch 1, train batch 2")
+    parser.add_argument("--rss-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.size = args.size or (64 if quick else 256)
+    args.batch_sizes = args.batch_sizes or ([1] if quick else [1, 4])
+    args.train_batch_sizes = args.train_batch_sizes or ([2] if quick else [4])
+    args.repeats = args.repeats or (1 if quick else 5)
+    args.train_repeats = args.train_repeats or (1 if quick else 3)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the last warm-up call of an inference variant measures memory)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if args.rss_worker is not None:
+        print(json.dumps(rss_worker(json.loads(args.rss_worker))))
+        return {}
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but torch.cuda.is_available() is False.")
+    if (args.rss or args.rss_only) and device.type != "cpu":
+        raise SystemExit("--rss measures process RSS and only makes sense with --device cpu.")
+    start = time.time()
+    load_start = os.getloadavg()
+    data: dict[str, Any] = {
+        "meta": {
+            "command": "python " + " ".join([os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(device),
+            "size": args.size,
+            "num_labels": NUM_LABELS,
+            "batch_sizes": args.batch_sizes,
+            "train_batch_sizes": args.train_batch_sizes,
+            "repeats": args.repeats,
+            "train_repeats": args.train_repeats,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "seed": args.seed,
+            "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
+        "results": {},
+    }
+    for encoder in args.encoders:
+        log(f"{encoder}: start")
+        if args.rss_only:
+            data["results"][encoder] = {"rss": bench_rss(encoder, args)}
+        else:
+            data["results"][encoder] = bench_encoder(encoder, args, device)
+        gc.collect()
+    data["meta"]["wall_s"] = time.time() - start
+    data["meta"]["load_average_1m_start_end"] = [load_start[0], os.getloadavg()[0]]
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as handle:
+            json.dump(data, handle, indent=1)
+        log(f"wrote {args.output} ({data['meta']['wall_s']:.0f} s)")
+    if args.markdown:
+        print(to_markdown(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()

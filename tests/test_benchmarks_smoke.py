@@ -1,0 +1,97 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""Smoke test of ``benchmarks/bench_conv_adapter.py --quick``: the script runs and its JSON has the expected shape.
+
+A correctness check, not a timing check: it asserts that the fused model has exactly the base model's FLOPs and
+parameter count plus the created biases, and that fused and unfused outputs agree, never anything about times.
+Not marked slow: the subprocess takes 10-17 s on a shared 2-core machine (mostly imports and model building).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_conv_adapter.py"
+INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
+TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    output = tmp_path_factory.mktemp("bench") / "conv_adapter.json"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--size",
+        "64",
+        "--encoders",
+        "resnet18",
+        "--repeats",
+        "1",
+        "--output",
+        str(output),
+        "--markdown",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| resnet18 | 1 | fused |" in proc.stdout  # the markdown table was printed
+    return json.loads(output.read_text())
+
+
+def test_quick_benchmark_json_shape(quick_results: dict) -> None:
+    meta = quick_results["meta"]
+    assert meta["quick"] is True and meta["size"] == 64 and meta["repeats"] == 1
+    for key in ("command", "machine", "batch_sizes", "train_batch_sizes", "memory_method", "wall_s"):
+        assert key in meta
+    result = quick_results["results"]["resnet18"]
+    assert set(result) >= {"params", "flops", "inference", "training", "fold_only"}
+    assert set(result["fold_only"]) >= {"wall", "cpu"}
+
+    inference = result["inference"]["bs1"]
+    for name in INFERENCE_VARIANTS:
+        entry = inference[name]
+        for clock in ("wall", "cpu"):
+            assert len(entry[clock]["values_s"]) == 1
+            assert set(entry[clock]["time_s"]) == {"median", "q1", "q3", "min", "max"}
+            assert set(entry[clock]["ratio"]) == {"median", "q1", "q3", "min", "max"}
+        assert (
+            entry["memory"]["peak_bytes"] == entry["memory"]["static_bytes"] + entry["memory"]["transient_peak_bytes"]
+        )
+        assert entry["memory"]["peak_bytes"] > 0
+
+    training = result["training"]["bs2"]
+    for name in TRAINING_VARIANTS:
+        entry = training[name]
+        assert "median" in entry["wall"]["time_s"] and "median" in entry["cpu"]["ratio"]
+        assert entry["memory"]["peak_bytes"] > 0
+    # Adapters train far fewer parameters, so they hold far less AdamW state than full fine-tuning.
+    assert training["conv_adapter"]["memory"]["static_bytes"] < training["full_ft"]["memory"]["static_bytes"]
+
+
+def test_quick_benchmark_fusion_is_exact(quick_results: dict) -> None:
+    result = quick_results["results"]["resnet18"]
+    flops = result["flops"]["inference"]
+    assert flops["fused"] == flops["base"]
+    assert result["flops"]["fused_equals_base"] is True
+    # The branch path runs an extra 1x1 conv per adapted conv; the fast path folds it into the kernel.
+    assert flops["unfused_branch"] > flops["base"]
+    assert flops["unfused"] == flops["base"]
+
+    params = result["params"]
+    assert params["fused"] == params["base"] + params["fused_created_bias"]
+    assert 0 < params["fused_created_bias"] < params["conv_adapter"]["adapter_only"]
+    assert 0 < params["bn_adapter"]["trainable"] < params["conv_adapter"]["trainable"] < params["base"]
+
+    inference = result["inference"]["bs1"]
+    tolerance = 1e-4 * max(1.0, inference["max_abs_logit"])
+    assert inference["max_abs_diff_fused_vs_branch"] <= tolerance
+    assert inference["max_abs_diff_fast_vs_branch"] <= tolerance
