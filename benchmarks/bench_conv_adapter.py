@@ -3,10 +3,12 @@
 
 What is measured, per encoder (default ``resnet18`` and ``vgg19_bn``, ``num_labels=3``, square ``--size`` input):
 
-* **Inference** (``model.eval()``, ``torch.inference_mode()``), per batch size in ``--batch-sizes``, four variants:
-  ``base`` (the plain U-Net), ``unfused`` (peft model, conv adapters on every fusable conv, default eval fast path
-  that folds each adapter into the kernel on the fly), ``unfused_branch`` (the same model with ``fold_in_eval=False``
-  on every ``ConvAdapterLayer``: conv + BN + 1x1 conv branch per layer) and ``fused`` (``merge_and_unload``). The
+* **Inference** (``model.eval()``, ``torch.inference_mode()``), per batch size in ``--batch-sizes``, five variants:
+  ``base`` (the plain U-Net), ``unfused`` (peft model, conv adapters on every fusable conv, default eval fast path:
+  the adapters folded into the kernel, the folded kernel cached between calls), ``unfused_nocache`` (the same with
+  ``cache_folded_weights=False``: the fold recomputed every call, no extra weight copy), ``unfused_branch``
+  (``fold_in_eval=False`` on every ``ConvAdapterLayer``: conv + BN + 1x1 conv branch per layer) and ``fused``
+  (``merge_and_unload``). Cached folded kernels count as static memory. The
   adapters carry random weights and BN statistics (``init_weights=False``) so that fused and unfused outputs can be
   compared (``max_abs_diff_*`` in the JSON).
 * **Training** (``model.train()``, one step = ``zero_grad`` + forward with labels + cross-entropy backward + AdamW
@@ -101,7 +103,7 @@ from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation  # no
 from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer  # noqa: E402
 
 
-INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
+INFERENCE_VARIANTS = ("base", "unfused", "unfused_nocache", "unfused_branch", "fused")
 TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter")
 NUM_LABELS = 3
 MIB = 1024**2
@@ -180,7 +182,9 @@ def measure_memory(
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"static_bytes": static, "transient_peak_bytes": peak - static, "peak_bytes": peak}, result
-    static = tensor_bytes(static_tensors(model, optimizer, batch))
+    # Folded kernels cached by conv adapter layers are alive between calls: they are static memory too.
+    cached = [t for layer in adapter_layers(model) if layer._fold_cache is not None for t in layer._fold_cache[1]]
+    static = tensor_bytes(static_tensors(model, optimizer, batch)) + tensor_bytes(cached)
     with TensorMemoryTracker() as tracker:
         result = fn()
     return {"static_bytes": static, "transient_peak_bytes": tracker.peak, "peak_bytes": static + tracker.peak}, result
@@ -203,6 +207,12 @@ def set_fold_in_eval(model: nn.Module, value: bool) -> None:
         layer.fold_in_eval = value
 
 
+def set_fold_cache(model: nn.Module, value: bool) -> None:
+    for layer in adapter_layers(model):
+        layer.cache_folded_weights = value
+        layer._fold_cache = None
+
+
 def build_peft(base: nn.Module, adapter_type: str = "conv", init_weights: bool = True) -> nn.Module:
     config = ConvAdapterConfig(
         adapter_type=adapter_type, init_weights=init_weights, modules_to_save=["segmentation_head"]
@@ -211,10 +221,20 @@ def build_peft(base: nn.Module, adapter_type: str = "conv", init_weights: bool =
 
 
 def build_inference_variants(base: nn.Module, device: torch.device) -> dict[str, nn.Module]:
-    """The four inference variants; ``unfused`` and ``unfused_branch`` are one model with ``fold_in_eval`` toggled."""
+    """The inference variants; the three unfused ones are copies of one adapter model (cache/fold switched)."""
     unfused = build_peft(base, init_weights=False).eval()
     fused = copy.deepcopy(unfused).merge_and_unload().eval()
-    models = {"base": base.eval(), "unfused": unfused, "unfused_branch": unfused, "fused": fused}
+    # A separate copy, so that its calls never drop the cache of `unfused` while they are interleaved.
+    nocache = copy.deepcopy(unfused)
+    set_fold_cache(nocache, False)
+    branch = copy.deepcopy(nocache)
+    models = {
+        "base": base.eval(),
+        "unfused": unfused,
+        "unfused_nocache": nocache,
+        "unfused_branch": branch,
+        "fused": fused,
+    }
     return {name: model.to(device) for name, model in models.items()}
 
 
@@ -224,7 +244,8 @@ def build_inference_variant(name: str, base: nn.Module) -> nn.Module:
     unfused = build_peft(base, init_weights=False).eval()
     if name == "fused":
         return unfused.merge_and_unload().eval()
-    set_fold_in_eval(unfused, name == "unfused")
+    set_fold_in_eval(unfused, name in ("unfused", "unfused_nocache"))
+    set_fold_cache(unfused, name != "unfused_nocache")
     return unfused
 
 
@@ -319,19 +340,17 @@ def timing_report(times: dict[str, dict[str, list[float]]], reference: str) -> d
 
 
 def fold_only_call(model: nn.Module) -> Callable[[], None]:
-    """What the eval fast path computes besides its conv: every layer's folded kernel and bias (no convolution)."""
+    """What the eval fast path computes besides its conv when nothing is cached: every layer's folded kernel and bias.
+
+    Pass a model whose layers do not cache (``unfused_nocache``); with the cache this cost is paid once per weight
+    change instead of once per forward.
+    """
     layers = adapter_layers(model)
 
     def call() -> None:
         with torch.inference_mode():
             for layer in layers:
-                base = layer.get_base_layer()
-                weight, bias = base.weight, base.bias
-                for name in layer.active_adapters:
-                    if name in layer.convadapter_bn:
-                        delta_w, delta_b = layer.get_delta_weight(name)
-                        weight = weight + delta_w
-                        bias = delta_b if bias is None else bias + delta_b
+                layer.folded_weight([name for name in layer.active_adapters if name in layer.convadapter_bn])
 
     return call
 
@@ -457,7 +476,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
 
     # ---- FLOPs (batch 1) --------------------------------------------------------------------------------------------
     x1 = torch.randn(1, 3, size, size, device=device)
-    folds = {"base": None, "unfused": True, "unfused_branch": False, "fused": None}
+    folds = {"base": None, "unfused": True, "unfused_nocache": True, "unfused_branch": False, "fused": None}
     inference_flops = {name: count_flops(inference_call(models[name], x1, folds[name])) for name in INFERENCE_VARIANTS}
     training_flops = {}
     labels1 = torch.randint(0, NUM_LABELS, (1, size, size), device=device)
@@ -500,7 +519,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
         del outputs
         log(f"{encoder}: inference bs{batch_size} done")
 
-    fold = fold_only_call(models["unfused"])
+    fold = fold_only_call(models["unfused_nocache"])
     fold()
     fold_times = interleaved_times({"fold": fold}, max(args.repeats, 5), sync)["fold"]
     reference = result["inference"][f"bs{args.batch_sizes[0]}"]["base"]

@@ -50,13 +50,18 @@ def prepare_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) 
     return get_peft_model(model, ConvAdapterConfig(adapter_type=adapter_type, **config_kwargs))
 
 
-def set_fold_in_eval(model: nn.Module, enabled: bool) -> None:
-    """Switch the eval-mode kernel folding of every conv adapter layer (``False``: compute the branches)."""
+def set_fold_in_eval(model: nn.Module, enabled: bool, cache: bool | None = None) -> None:
+    """Switch the eval-mode kernel folding of every conv adapter layer (``False``: compute the branches), and
+    optionally the caching of folded kernels (``cache=False`` saves one weight copy per layer, costs time)."""
     from .tuners.conv_adapter import ConvAdapterLayer
 
     for module in model.modules():
         if isinstance(module, ConvAdapterLayer):
             module.fold_in_eval = enabled
+            if cache is not None:
+                module.cache_folded_weights = cache
+                if not cache:
+                    module._fold_cache = None
 
 
 def _keep_frozen_batchnorm_in_eval(module: nn.Module, args: Any) -> None:

@@ -316,3 +316,16 @@ def test_eval_mode_with_gradients_trains_through_the_fold():
     grad = model.base_model.model.stem.convadapter_conv["default"].weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert model.base_model.model.stem._fold_cache is None  # nothing cached while a graph is needed
+
+
+@torch.no_grad()
+def test_unload_returns_the_untouched_base():
+    base = make_tiny_cnn()
+    x = torch.randn(1, 3, 20, 20)
+    expected = base(x)
+    model = _peft(copy.deepcopy(base), init_weights=False).eval()
+    assert not torch.allclose(model(x), expected)
+    unloaded = model.unload()
+    assert type(unloaded) is type(base) and torch.equal(unloaded(x), expected)
+    assert not any(isinstance(m, ConvAdapterLayer) for m in unloaded.modules())
+    assert unloaded.stem.bias is None

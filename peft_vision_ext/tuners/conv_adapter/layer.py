@@ -71,6 +71,9 @@ class ConvAdapterLayer(BaseTunerLayer):
         self._bias_created_by_merge = False
         # Fold eval-mode adapters into the kernel in `forward` (see there); tests switch it off to check both paths.
         self.fold_in_eval = True
+        # Keep the folded kernel between no-grad forwards: unfused inference at the fused model's speed, for one
+        # extra copy of the conv's weights. Set False to trade that memory for recomputing the fold every call.
+        self.cache_folded_weights = True
         self._fold_cache: tuple | None = None
         self.kwargs = kwargs
 
@@ -206,7 +209,7 @@ class ConvAdapterLayer(BaseTunerLayer):
         tensors = self._fold_tensors(active)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         key = None
-        if not needs_grad:
+        if not needs_grad and self.cache_folded_weights:
             key = (tuple(active), tuple(None if t is None else (t.data_ptr(), t._version, t.device) for t in tensors))
             if self._fold_cache is not None and self._fold_cache[0] == key:
                 return self._fold_cache[1]
