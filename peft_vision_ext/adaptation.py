@@ -85,8 +85,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def base_parameter_count(model: nn.Module) -> int:
     """Parameters of the model without any adapter: what ``trainable %`` is relative to."""
     if isinstance(model, PeftModel):
-        trainable, total = model.get_nb_trainable_parameters()
-        # peft counts modules_to_save copies twice (original + copy): subtract adapters only.
+        _, total = model.get_nb_trainable_parameters()
+        # Remove the adapters and the trained copies of modules_to_save (the originals stay in the count).
         adapters = sum(p.numel() for n, p in model.named_parameters() if "convadapter_" in n)
         modules_to_save = sum(p.numel() for n, p in model.named_parameters() if ".modules_to_save." in n)
         return total - adapters - modules_to_save

@@ -129,6 +129,7 @@ class ConvAdapterModel(BaseTuner):
             return
 
         matched = []
+        inside_wrappers = _wrapped_prefixes(model)
         for name, module in model.named_modules():
             if not name or not check_target_module_exists(peft_config, name):
                 continue
@@ -141,7 +142,7 @@ class ConvAdapterModel(BaseTuner):
                         + "; ".join(reasons)
                         + ". Remove it from `target_modules` (or add it to `exclude_modules`)."
                     )
-            elif not any(name.startswith(prefix) for prefix in _wrapped_prefixes(model)):
+            elif not any(name.startswith(prefix) for prefix in inside_wrappers):
                 raise ValueError(
                     f"`target_modules` selects `{name}`, a {type(module).__name__}; conv adapters only wrap "
                     "torch.nn.Conv2d. Name conv layers only, or leave `target_modules=None` to adapt every fusable "
