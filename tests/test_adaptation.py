@@ -13,6 +13,7 @@ from peft_vision_ext.adaptation import (
     prepare_for_adaptation,
     update_size_bytes,
 )
+
 from tiny_models import make_unet
 
 
