@@ -21,7 +21,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from peft_vision_ext.metrics.functional import compute_segmentation_metrics
+from peft_vision_ext.metrics.functional import _to_numpy, compute_segmentation_metrics
 
 
 _CITATION = """\
@@ -90,20 +90,11 @@ def _encodable_mask(mask: Any, name: str) -> np.ndarray:
     ``datasets.Image`` would otherwise downcast e.g. ``int64`` itself, with a warning per mask, and write it as
     an uncompressed 32-bit TIFF.
     """
-    if hasattr(mask, "detach") and hasattr(mask, "cpu"):  # torch.Tensor, without importing torch
-        mask = mask.detach().cpu().numpy()
-    array = np.asarray(mask)
+    array = _to_numpy(mask, name)  # integer (or bool -> uint8) array, with the package's own error messages
     if array.ndim != 2:
         raise ValueError(
             f"`{name}` must be a 2-D (height, width) mask of class ids, got shape {array.shape}. Pass one mask per "
             f"image (squeeze channel axes; argmax logits over the class axis first)."
-        )
-    if array.dtype.kind == "b":
-        return array.astype(np.uint8)
-    if array.dtype.kind not in "iu":
-        raise TypeError(
-            f"`{name}` must hold integer class ids, got dtype {array.dtype}. Argmax logits over the class axis, or "
-            f"cast whole-number floats with `.astype(np.int64)`."
         )
     if array.size == 0:
         return array.astype(np.uint8)
