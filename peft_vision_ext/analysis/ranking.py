@@ -95,10 +95,14 @@ def _relative_update(model: PeftModel, adapter_name: str) -> dict[str, float]:
     return out
 
 
-def _load_state(source: PeftModel | str | os.PathLike, adapter_name: str) -> dict[str, torch.Tensor]:
+def _load_state(
+    source: PeftModel | str | os.PathLike, adapter_name: str
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The adapter's state dict, and the path of its weights file when ``source`` is a directory."""
     if isinstance(source, PeftModel):
-        return get_peft_model_state_dict(source, adapter_name=adapter_name)
-    return load_file(check_adapter_dir(source))
+        return get_peft_model_state_dict(source, adapter_name=adapter_name), None
+    weights = check_adapter_dir(source)
+    return load_file(weights), weights
 
 
 def score_adapters(
@@ -118,7 +122,7 @@ def score_adapters(
     """
     if isinstance(source, PeftModel):
         model = source
-    state = _load_state(source, adapter_name)
+    state, _ = _load_state(source, adapter_name)
     groups = _group_by_module(state)
     if not groups:
         raise ValueError(
@@ -213,7 +217,7 @@ def export_adapters(
     result reports the weights file size in bytes, against the size of the full adapter.
     """
     config = _load_config(source, adapter_name)
-    state = _load_state(source, adapter_name)
+    state, source_weights = _load_state(source, adapter_name)
     groups = _group_by_module(state)
     keep = list(dict.fromkeys(keep))
     unknown = [name for name in keep if name not in groups]
@@ -234,11 +238,11 @@ def export_adapters(
     exported.inference_mode = True
     exported.save_pretrained(output_dir)
 
-    if isinstance(source, PeftModel):
-        # The exact size the full adapter's safetensors file has (tensors plus JSON header).
+    if source_weights is None:
+        # The exact size the full adapter's safetensors file would have (tensors plus JSON header).
         full_nbytes = len(safetensors_bytes({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"}))
     else:
-        full_nbytes = os.path.getsize(check_adapter_dir(source))
+        full_nbytes = os.path.getsize(source_weights)
     return ExportResult(
         path=output_dir,
         kept=sorted(keep),

@@ -218,7 +218,6 @@ def main(argv: list[str] | None = None) -> dict:
         model, dataset, len(ROCK_LABELS), id2label=ROCK_LABELS, batch_size=training_args.per_device_eval_batch_size
     )
     base_params = count_parameters(source)[1]
-    full_model_bytes = update_size_bytes(source.requires_grad_(True))
     flops_base = count_flops(source, (1, 3, size, size))
     results = {
         "settings": {
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                 **summary(metrics),
                 "trainable_params": trainable,
                 "trainable_percent": percent(trainable, base_parameter_count(model)),
-                "update_bytes": update_size_bytes(model) if method != "full" else full_model_bytes,
+                "update_bytes": update_size_bytes(model),
                 "train_seconds": train_output.metrics.get("train_runtime"),
             }
             logger.info("[%s] Step 3, %s: %s", domain, method, rows[method])
