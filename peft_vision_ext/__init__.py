@@ -8,7 +8,7 @@ and the rest of peft's workflow accept our configs.
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the models with the transformers Auto classes)
-from .tuners import ConvAdapterConfig, ConvAdapterModel  # noqa: E402  (registers the methods)
+from .tuners import ConvAdapterConfig, ConvAdapterModel, MoPEFTConfig, MoPEFTModel  # noqa: E402  (registers)
 
 
-__all__ = ["ConvAdapterConfig", "ConvAdapterModel", "__version__"]
+__all__ = ["ConvAdapterConfig", "ConvAdapterModel", "MoPEFTConfig", "MoPEFTModel", "__version__"]

@@ -18,8 +18,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 METHOD_TITLES = {
     "conv_adapter": "Fusable conv adapters (BN + 1x1 conv), peft-vision-ext",
+    "mopeft": "MoPEFT: gated mixture of LoRA, prefix tuning and adapters, peft-vision-ext",
 }
 _USAGE_HEADING = "## How to load this adapter"
+_MERGE_LINES = {
+    "conv_adapter": "fused = model.merge_and_unload()  # conv adapters fold into the convs: the base model's cost again\n",
+    "mopeft": (
+        "# LoRA without input-dependent gates merges exactly; prune gated parts first (peft_vision_ext.prune_mopeft)\n"
+    ),
+}
 
 
 def _usage_text(method: str) -> str:
@@ -30,9 +37,7 @@ def _usage_text(method: str) -> str:
         "```python\n"
         "import peft_vision_ext  # registers the method with peft\n"
         "from peft import PeftModel\n\n"
-        "model = PeftModel.from_pretrained(base_model, path_or_repo_id)\n"
-        "fused = model.merge_and_unload()  # conv adapters fold into the convs: the base model's cost again\n"
-        "```\n"
+        "model = PeftModel.from_pretrained(base_model, path_or_repo_id)\n" + _MERGE_LINES.get(method, "") + "```\n"
     )
 
 

@@ -73,9 +73,80 @@ def make_unet(encoder: str = "resnet18", seed: int = 0) -> nn.Module:
     return _randomize_bn(UNetForSemanticSegmentation(config), seed).eval()
 
 
+def tiny_sam_config(num_labels: int = 3, image_size: int = 80, window_size: int = 4, attn: str = "eager"):
+    """A two-block SAM: block 0 windowed (80 px / patch 8 = 10 tokens, window 4: padded windows), block 1 global."""
+    from transformers import SamConfig
+
+    config = SamConfig(
+        num_labels=num_labels,
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_dim=64,
+            image_size=image_size,
+            patch_size=8,
+            window_size=window_size,
+            global_attn_indexes=[1],
+            output_channels=16,
+            num_pos_feats=8,
+        ),
+        prompt_encoder_config=dict(
+            hidden_size=16, image_size=image_size, image_embedding_size=image_size // 8, mask_input_channels=4
+        ),
+        mask_decoder_config=dict(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+        ),
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def _perturb(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """Random-init transformers models start with zero relative-position tables and tiny weights (SAM's
+    initializer_range is 1e-10); give every tensor some signal so tests see real attention patterns."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def make_sam(seed: int = 0, attn: str = "eager", **kwargs) -> nn.Module:
+    from peft_vision_ext.models import SamForSemanticSegmentation
+
+    torch.manual_seed(seed)
+    return _perturb(SamForSemanticSegmentation(tiny_sam_config(attn=attn, **kwargs)), seed).eval()
+
+
+def make_vit(seed: int = 0, attn: str = "eager") -> nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    config._attn_implementation = attn
+    return _perturb(ViTModel(config, add_pooling_layer=False), seed).eval()
+
+
+def make_dinov2(seed: int = 0, attn: str = "sdpa") -> nn.Module:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8
+    )
+    config._attn_implementation = attn
+    return _perturb(Dinov2Model(config), seed).eval()
+
+
 def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Segmentation logits (B, K, H, W), or an encoder's last hidden state (B, N, C)."""
     out = model(pixel_values=x)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 FACTORIES = {
@@ -84,4 +155,8 @@ FACTORIES = {
     "unet_resnet18": lambda seed=0: make_unet("resnet18", seed),
     "unet_test_resnet": lambda seed=0: make_unet("test_resnet", seed),
     "unet_test_efficientnet": lambda seed=0: make_unet("test_efficientnet", seed),  # depthwise convs
+    "sam_tiny": make_sam,
+    "sam_tiny_sdpa": lambda seed=0: make_sam(seed, attn="sdpa"),
+    "vit_tiny": make_vit,
+    "dinov2_tiny": make_dinov2,
 }

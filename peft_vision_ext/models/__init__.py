@@ -1,11 +1,14 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-from transformers import AutoConfig, AutoModelForSemanticSegmentation
+from transformers import AutoConfig, AutoModelForSemanticSegmentation, SamConfig
 
+from .sam import SamForSemanticSegmentation
 from .unet import UNetConfig, UNetForSemanticSegmentation
 
 
-__all__ = ["UNetConfig", "UNetForSemanticSegmentation"]
+__all__ = ["SamForSemanticSegmentation", "UNetConfig", "UNetForSemanticSegmentation"]
 
 # Lets `AutoModelForSemanticSegmentation.from_pretrained(<saved U-Net>)` (and the `peft-vision` CLI) find the class.
 AutoConfig.register(UNetConfig.model_type, UNetConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(UNetConfig, UNetForSemanticSegmentation, exist_ok=True)
+# SAM has no semantic-segmentation head in transformers; ours answers for SamConfig in this Auto class.
+AutoModelForSemanticSegmentation.register(SamConfig, SamForSemanticSegmentation, exist_ok=True)

@@ -1,14 +1,13 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft import PeftConfig
 
 from ..._registry import peft_type_for
-from ...hub import update_model_card
+from .._common import CheckedLoadingMixin, normalize_module_names
 
 
 CONV_ADAPTER = peft_type_for("conv_adapter")
@@ -16,7 +15,7 @@ ADAPTER_TYPES = ("conv", "bn")
 
 
 @dataclass
-class ConvAdapterConfig(PeftConfig):
+class ConvAdapterConfig(CheckedLoadingMixin, PeftConfig):
     """Configuration of [`ConvAdapterModel`]: fusable conv adapters (seed 000, "adapter fusion and ranking").
 
     Each targeted ``nn.Conv2d`` gets a parallel branch ``y = conv(x) + conv1x1(BN_a(x))``. The 1×1 conv has the
@@ -80,6 +79,8 @@ class ConvAdapterConfig(PeftConfig):
         metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new segmentation head."},
     )
 
+    method_name = "conv_adapter"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = CONV_ADAPTER
@@ -88,41 +89,6 @@ class ConvAdapterConfig(PeftConfig):
                 f"`adapter_type` must be one of {ADAPTER_TYPES}, got {self.adapter_type!r}. Use 'conv' for BN + 1x1 "
                 "conv adapters or 'bn' for the BN-only ablation."
             )
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                value = list(value)
-            if isinstance(value, list):
-                if not all(isinstance(item, str) and item for item in value):
-                    raise ValueError(f"`{name}` must be a list of non-empty module names, got {value!r}.")
-                value = sorted(set(value))
-            elif value is not None and not isinstance(value, str):
-                raise TypeError(
-                    f"`{name}` must be None, a list of module names or a regex string, got {type(value).__name__}: "
-                    f"{value!r}."
-                )
-            setattr(self, name, value)
+        normalize_module_names(self, "target_modules", "exclude_modules")
         if self.target_modules == []:
             raise ValueError("`target_modules` is an empty list. Pass None to adapt every fusable conv.")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config and, for a local adapter directory, check that its weights file is present and readable.
-
-        peft would otherwise reach the weights only after building the model, and report a missing file as a failed
-        Hub download.
-        """
-        from ...analysis.io import check_adapter_dir
-
-        path = pretrained_model_name_or_path
-        if subfolder:
-            path = os.path.join(path, subfolder)
-        if os.path.isdir(path):
-            check_adapter_dir(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        super().save_pretrained(save_directory, **kwargs)
-        update_model_card(save_directory, method="conv_adapter", config=self)

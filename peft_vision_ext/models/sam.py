@@ -1,0 +1,220 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""SAM for semantic segmentation (SAMed style), as a transformers ``PreTrainedModel`` with ``SamConfig``.
+
+SAM predicts masks for prompts. For semantic segmentation the prompt encoder is kept frozen and fed a constant
+prompt (no points, no boxes, no mask: its learned "no mask" embedding), and the mask decoder gets one mask token per
+class, so one forward pass returns one mask logit map per class. The mask decoder is trained fully (put it in
+``modules_to_save`` of a peft config); the image encoder is what the PEFT methods adapt.
+
+Module names match ``SamModel`` (``vision_encoder``, ``prompt_encoder``, ``mask_decoder``,
+``shared_image_embedding``), so ``from_pretrained("facebook/sam-vit-base", num_labels=K)`` loads SAM's weights; the
+class-dependent decoder tensors (mask tokens, hypernetwork MLPs beyond SAM's four, the IoU head) start fresh.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import SamConfig
+from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.models.sam.modeling_sam import (
+    SamMaskDecoder,
+    SamPositionalEmbedding,
+    SamPreTrainedModel,
+    SamPromptEncoder,
+    SamVisionEncoder,
+)
+
+
+# Decoder tensors whose shape depends on the number of classes (one mask token and one hypernetwork MLP per class).
+CLASS_DEPENDENT_KEYS = ("mask_decoder.mask_tokens.", "mask_decoder.iou_prediction_head.proj_out.")
+
+
+def _check_config(config: SamConfig) -> None:
+    if not isinstance(config, SamConfig):
+        raise TypeError(
+            f"SamForSemanticSegmentation needs a transformers `SamConfig`, got {type(config).__name__}. Build one "
+            "with `SamConfig(num_labels=K, vision_config={...})` or load it with `SamConfig.from_pretrained(...)`."
+        )
+    if not isinstance(config.num_labels, int) or config.num_labels < 1:
+        raise ValueError(f"`num_labels` must be a positive int, got {config.num_labels!r}.")
+    vision = config.vision_config
+    if vision.image_size % vision.patch_size:
+        raise ValueError(
+            f"`vision_config.image_size` ({vision.image_size}) must be a multiple of `vision_config.patch_size` "
+            f"({vision.patch_size}). Pick an image size such as {vision.patch_size * (vision.image_size // vision.patch_size)}."
+        )
+    if vision.output_channels != config.mask_decoder_config.hidden_size:
+        raise ValueError(
+            f"`vision_config.output_channels` ({vision.output_channels}) must equal `mask_decoder_config.hidden_size` "
+            f"({config.mask_decoder_config.hidden_size}): the mask decoder reads the image embeddings. Set both to "
+            "the same value."
+        )
+    if config.prompt_encoder_config.hidden_size != config.mask_decoder_config.hidden_size:
+        raise ValueError(
+            f"`prompt_encoder_config.hidden_size` ({config.prompt_encoder_config.hidden_size}) must equal "
+            f"`mask_decoder_config.hidden_size` ({config.mask_decoder_config.hidden_size})."
+        )
+    if 2 * vision.num_pos_feats != config.mask_decoder_config.hidden_size:
+        raise ValueError(
+            f"`vision_config.num_pos_feats` ({vision.num_pos_feats}) must be half of `mask_decoder_config.hidden_size` "
+            f"({config.mask_decoder_config.hidden_size}): SAM's positional encoding has sin and cos halves."
+        )
+
+
+class SamForSemanticSegmentation(SamPreTrainedModel):
+    """SAM with one output mask per class, for semantic segmentation (SAMed style).
+
+    ``forward(pixel_values, labels=None)`` returns a ``SemanticSegmenterOutput`` whose logits are
+    ``(batch, num_labels, height, width)`` at the input size. Inputs of any size are resized to the encoder's
+    ``vision_config.image_size`` (SAM's patch embedding and absolute position embedding are built for that size) and
+    the logits are resized back, so any image size works; any window size works too, including windows that do not
+    tile the token grid (SAM pads them).
+
+    Example:
+
+        ```py
+        >>> from transformers import SamConfig
+        >>> from peft_vision_ext.models import SamForSemanticSegmentation
+
+        >>> model = SamForSemanticSegmentation(SamConfig(num_labels=3))  # SAM ViT-B architecture, random weights
+        >>> # with network access: pretrained SAM, new class tokens
+        >>> model = SamForSemanticSegmentation.from_pretrained("facebook/sam-vit-base", num_labels=3)
+        ```
+    """
+
+    config_class = SamConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # peft methods of this package train these in full unless the config says otherwise (`modules_to_save`).
+    peft_modules_to_save = ("mask_decoder",)
+    # Parts of SAM's mask decoder that semantic segmentation never reads: the IoU head and the single-mask output
+    # (token 0's hypernetwork MLP). They keep SAM's weights so checkpoints load cleanly; they get no gradient.
+    unused_parameter_prefixes = ("mask_decoder.iou_prediction_head.", "mask_decoder.output_hypernetworks_mlps.0.")
+    _tied_weights_keys = {
+        "prompt_encoder.shared_embedding.positional_embedding": "shared_image_embedding.positional_embedding"
+    }
+
+    def __init__(self, config: SamConfig) -> None:
+        _check_config(config)
+        # One mask token per class (SAM's first token, the single-mask output, is kept and unused).
+        config.mask_decoder_config.num_multimask_outputs = config.num_labels
+        super().__init__(config)
+        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+        self.vision_encoder = SamVisionEncoder(config.vision_config)
+        self.prompt_encoder = SamPromptEncoder(config)
+        decoder_config = copy.deepcopy(config.mask_decoder_config)
+        decoder_config._attn_implementation = config._attn_implementation
+        self.mask_decoder = SamMaskDecoder(decoder_config)
+        # The prompt encoder only supplies the constant "no prompt" embedding; it is never trained.
+        self.prompt_encoder.requires_grad_(False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``. Loading a SAM checkpoint with another ``num_labels`` re-initialises the
+        class-dependent decoder tensors (mask tokens, IoU head output, hypernetwork MLPs of new classes), which
+        transformers lists in its loading report. Any other shape mismatch (e.g. a changed ``image_size``) raises,
+        unless ``ignore_mismatched_sizes=True`` is passed explicitly."""
+        strict = "ignore_mismatched_sizes" not in kwargs
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            unexpected = [
+                entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys", [])
+            ]
+            unexpected = [key for key in unexpected if not key.startswith(CLASS_DEPENDENT_KEYS)]
+            if unexpected:
+                raise ValueError(
+                    f"The checkpoint does not fit this SAM configuration: {len(unexpected)} tensor(s) have another "
+                    f"shape, e.g. {', '.join(f'`{key}`' for key in unexpected[:4])}. Only the class-dependent decoder "
+                    "tensors may differ. Load with the checkpoint's own `vision_config` (image size, patch size, "
+                    "widths), or pass `ignore_mismatched_sizes=True` to re-initialise them anyway."
+                )
+        return (model, info) if want_info else model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_encoder.get_input_embeddings()
+
+    def image_positional_embeddings(self, height: int, width: int) -> torch.Tensor:
+        """SAM's dense positional encoding of an ``height x width`` embedding grid: ``(1, C, height, width)``."""
+        param = self.shared_image_embedding.positional_embedding
+        grid = torch.ones((height, width), device=param.device, dtype=param.dtype)
+        y_embed = (grid.cumsum(dim=0) - 0.5) / height
+        x_embed = (grid.cumsum(dim=1) - 0.5) / width
+        encoding = self.shared_image_embedding(torch.stack([x_embed, y_embed], dim=-1))  # (H, W, C)
+        return encoding.permute(2, 0, 1).unsqueeze(0)
+
+    def constant_prompt(self, batch_size: int, height: int, width: int) -> tuple[None, torch.Tensor]:
+        """The frozen prompt encoder's output for "no prompt": no sparse tokens, the no-mask dense embedding."""
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # (1, C, 1, 1)
+        return None, dense.expand(batch_size, -1, height, width)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        """
+        Args:
+            pixel_values: ``(batch, num_channels, height, width)`` images, any height and width.
+            labels: ``(batch, height', width')`` class indices; logits are resized to the label size for the loss.
+                Pixels equal to ``config.semantic_loss_ignore_index`` (default 255) are ignored.
+        """
+        channels = self.config.vision_config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch_size = pixel_values.shape[0]
+        input_size = tuple(pixel_values.shape[-2:])
+        encoder_size = self.config.vision_config.image_size
+        if input_size != (encoder_size, encoder_size):
+            pixel_values = F.interpolate(
+                pixel_values, size=(encoder_size, encoder_size), mode="bilinear", align_corners=False
+            )
+
+        vision_outputs = self.vision_encoder(pixel_values, output_hidden_states=output_hidden_states)
+        image_embeddings = vision_outputs.last_hidden_state  # (B, C_out, h, w)
+        height, width = image_embeddings.shape[-2:]
+        sparse, dense = self.constant_prompt(batch_size, height, width)
+        positional = self.image_positional_embeddings(height, width).expand(batch_size, -1, -1, -1)
+        masks, _ = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=positional,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+        low_res = masks[:, 0]  # (B, num_labels, 4h, 4w): point batch of one, one mask per class
+        logits = F.interpolate(low_res, size=input_size, mode="bilinear", align_corners=False)
+
+        loss = None
+        if labels is not None:
+            if labels.ndim != 3 or labels.shape[0] != batch_size:
+                raise ValueError(
+                    f"`labels` must have shape (batch, height, width) with batch {batch_size}, got "
+                    f"{tuple(labels.shape)}."
+                )
+            loss_logits = logits
+            if tuple(labels.shape[-2:]) != input_size:
+                loss_logits = F.interpolate(low_res, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            ignore_index = getattr(self.config, "semantic_loss_ignore_index", 255)
+            loss = F.cross_entropy(loss_logits, labels.long(), ignore_index=ignore_index)
+
+        hidden_states = vision_outputs.hidden_states if output_hidden_states else None
+        if not return_dict:
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+__all__ = ["SamForSemanticSegmentation"]

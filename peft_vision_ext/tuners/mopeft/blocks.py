@@ -1,0 +1,276 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""Transformer-block families that MoPEFT can adapt, recognised by structure rather than by class name.
+
+A family knows three things about a block: where the query/key/value projections are (for LoRA and its merge), how
+to run the block with the MoPEFT hooks in place (LoRA deltas on q/k/v, prefixes in the attention, an adapter on the
+FFN output), and its widths. Each ``run`` mirrors the block's own forward operation by operation, so with LoRA ``B``
+and adapter up-projections at zero the output is the block's own output.
+
+Families:
+
+- ``sam``: SAM's ViT (``SamVisionLayer``): ``(B, H, W, C)`` tokens, fused ``qkv`` linear, windowed attention with
+  zero-padded windows (window size 0: global), decomposed relative-position bias.
+- ``vit``: pre-norm blocks with separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (ViT, DeiT-style:
+  ``layernorm_before``/``layernorm_after``; DINOv2-style: ``norm1``/``norm2`` with layer scale and drop path).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+if TYPE_CHECKING:
+    from .layer import MoPEFTLayer
+
+
+SUPPORTED_BLOCKS = (
+    "SAM ViT blocks (attention `attn` with a fused `qkv` nn.Linear, `layer_norm1`, `layer_norm2`, `mlp`, "
+    "`window_size`), e.g. transformers' SamVisionLayer",
+    "ViT-style blocks (attention `attention` with `q_proj`/`k_proj`/`v_proj`/`o_proj` nn.Linear and `mlp`, plus "
+    "`layernorm_before`/`layernorm_after` or `norm1`/`norm2` with `layer_scale1`/`layer_scale2`), e.g. transformers' "
+    "ViTLayer and Dinov2Layer",
+)
+
+
+def _is_linear(module: Any) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+class SamBlock:
+    name = "sam"
+
+    @staticmethod
+    def matches(block: nn.Module) -> bool:
+        attn = getattr(block, "attn", None)
+        return (
+            attn is not None
+            and _is_linear(getattr(attn, "qkv", None))
+            and _is_linear(getattr(attn, "proj", None))
+            and hasattr(attn, "num_attention_heads")
+            and all(hasattr(block, n) for n in ("layer_norm1", "layer_norm2", "mlp", "window_size"))
+            and callable(getattr(block, "window_partition", None))
+            and attn.qkv.out_features == 3 * attn.qkv.in_features
+        )
+
+    @staticmethod
+    def hidden_size(block: nn.Module) -> int:
+        return block.attn.qkv.in_features
+
+    @staticmethod
+    def num_heads(block: nn.Module) -> int:
+        return block.attn.num_attention_heads
+
+    @staticmethod
+    def projection(block: nn.Module, target: str) -> tuple[nn.Linear, slice]:
+        """The linear layer holding ``target`` ("q", "k" or "v") and the rows of its weight that produce it."""
+        width = SamBlock.hidden_size(block)
+        index = "qkv".index(target)
+        return block.attn.qkv, slice(index * width, (index + 1) * width)
+
+    @staticmethod
+    def run(layer: MoPEFTLayer, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        block = layer.base_layer
+        attn = block.attn
+        batch_size = hidden_states.shape[0]
+        residual = hidden_states
+        normed = block.layer_norm1(hidden_states)  # (B, H, W, C)
+        plan = layer.plan(normed.flatten(1, 2).mean(dim=1))  # gates from all H*W tokens, (B, C) pooled
+        height, width = normed.shape[1], normed.shape[2]
+        windows = normed
+        if block.window_size > 0:
+            windows, padding_shape = block.window_partition(normed, block.window_size)  # (B*nW, ws, ws, C)
+        n, h, w, channels = windows.shape
+        repeats = n // batch_size  # windows per image: per-image gates are repeated over them
+        heads = attn.num_attention_heads
+
+        qkv = attn.qkv(windows)  # (n, h, w, 3C)
+        deltas = layer.lora_deltas(windows, plan, repeats)
+        if deltas:
+            qkv = qkv.unflatten(-1, (3, channels))
+            for target, delta in deltas.items():
+                qkv = qkv.index_add(-2, torch.tensor(["qkv".index(target)], device=qkv.device), delta.unsqueeze(-2))
+            qkv = qkv.flatten(-2)
+        qkv = qkv.reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.reshape(3, n * heads, h * w, -1).unbind(0)  # (n*heads, N, hd)
+
+        rel_pos = None
+        if attn.use_rel_pos:
+            rel_pos = attn.get_decomposed_rel_pos(query, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
+            rel_pos = rel_pos.reshape(n, heads, h * w, h * w)
+        prefix = layer.prefix_key_values(plan, n, repeats, heads, dtype=query.dtype)
+        output = _sam_attention(attn, query, key, value, rel_pos, prefix, n, heads)  # (n, N, C)
+        output = attn.proj(output.reshape(n, h, w, -1))
+        if block.window_size > 0:
+            output = block.window_unpartition(output, block.window_size, padding_shape, (height, width))
+        hidden_states = residual + output
+        ffn = block.mlp(block.layer_norm2(hidden_states))
+        return hidden_states + layer.adapt_ffn_output(ffn, plan)
+
+
+def _sam_attention(
+    attn: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_pos: torch.Tensor | None,
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+    n: int,
+    heads: int,
+) -> torch.Tensor:
+    """SAM's attention (eager or SDPA, as the module is configured) with optional prefixes.
+
+    ``query/key/value``: ``(n*heads, N, hd)``; ``rel_pos``: ``(n, heads, N, N)``; ``prefix``: keys and values
+    ``(n*heads, L, hd)`` and the prefix logit bias ``(n, 1, 1, L)`` (``log G_P``) or None. Returns ``(n, N, heads*hd)``.
+    """
+    tokens = query.shape[1]
+    bias = rel_pos
+    if prefix is not None:
+        prefix_key, prefix_value, prefix_bias = prefix
+        key = torch.cat([prefix_key, key], dim=1)  # (n*heads, L+N, hd): prefixes first, then the window's tokens
+        value = torch.cat([prefix_value, value], dim=1)
+        length = prefix_key.shape[1]
+        if prefix_bias is not None or rel_pos is not None:
+            # Relative positions exist only between spatial tokens: prefix columns get log G_P (or 0) instead.
+            prefix_cols = (
+                prefix_bias.to(query.dtype).expand(n, heads, tokens, length)
+                if prefix_bias is not None
+                else query.new_zeros(n, heads, tokens, length)
+            )
+            spatial_cols = rel_pos if rel_pos is not None else query.new_zeros(n, heads, tokens, tokens)
+            bias = torch.cat([prefix_cols, spatial_cols], dim=-1)  # (n, heads, N, L+N)
+    if type(attn).__name__.endswith("SdpaAttention") or getattr(attn, "_mopeft_use_sdpa", False):
+        output = F.scaled_dot_product_attention(
+            query.view(n, heads, tokens, -1),
+            key.view(n, heads, key.shape[1], -1),
+            value.view(n, heads, value.shape[1], -1),
+            attn_mask=bias,
+        )  # (n, heads, N, hd)
+        return output.permute(0, 2, 1, 3).reshape(n, tokens, -1)
+    weights = (query * attn.scale) @ key.transpose(-2, -1)  # (n*heads, N, L+N)
+    if bias is not None:
+        weights = weights + bias.reshape_as(weights)
+    weights = torch.softmax(weights, dtype=torch.float32, dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=attn.dropout, training=attn.training)
+    output = (weights @ value).reshape(n, heads, tokens, -1)
+    return output.permute(0, 2, 1, 3).reshape(n, tokens, -1)
+
+
+class ViTBlock:
+    name = "vit"
+
+    @staticmethod
+    def matches(block: nn.Module) -> bool:
+        attn = getattr(block, "attention", None)
+        if attn is None or not all(
+            _is_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ):
+            return False
+        if not (hasattr(attn, "head_dim") and hasattr(attn, "scaling") and hasattr(block, "mlp")):
+            return False
+        vit_style = hasattr(block, "layernorm_before") and hasattr(block, "layernorm_after")
+        dinov2_style = all(hasattr(block, n) for n in ("norm1", "norm2", "layer_scale1", "layer_scale2"))
+        return vit_style or dinov2_style
+
+    @staticmethod
+    def hidden_size(block: nn.Module) -> int:
+        return block.attention.q_proj.in_features
+
+    @staticmethod
+    def num_heads(block: nn.Module) -> int:
+        return block.attention.num_attention_heads
+
+    @staticmethod
+    def projection(block: nn.Module, target: str) -> tuple[nn.Linear, slice]:
+        linear = getattr(block.attention, f"{target}_proj")
+        return linear, slice(0, linear.out_features)
+
+    @staticmethod
+    def run(
+        layer: MoPEFTLayer,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        block = layer.base_layer
+        dinov2_style = hasattr(block, "norm1")
+        residual = hidden_states
+        normed = (block.norm1 if dinov2_style else block.layernorm_before)(hidden_states)  # (B, N, C)
+        plan = layer.plan(normed.mean(dim=1))  # gates from all tokens, (B, C) pooled
+        attn_out = _vit_attention(layer, block.attention, normed, plan, attention_mask, **kwargs)
+        if dinov2_style:
+            hidden_states = block.drop_path(block.layer_scale1(attn_out)) + residual
+            residual = hidden_states
+            ffn = layer.adapt_ffn_output(block.mlp(block.norm2(hidden_states)), plan)
+            return block.drop_path(block.layer_scale2(ffn)) + residual
+        hidden_states = block.dropout(attn_out) + residual
+        residual = hidden_states
+        ffn = layer.adapt_ffn_output(block.mlp(block.layernorm_after(hidden_states)), plan)
+        return block.dropout(ffn) + residual
+
+
+def _vit_attention(
+    layer: MoPEFTLayer,
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    plan: Any,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The block's own attention function (eager, SDPA, ...) with LoRA deltas and prefixes added."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    projected = {t: getattr(attn, f"{t}_proj")(hidden_states) for t in "qkv"}  # each (B, N, heads*hd)
+    for target, delta in layer.lora_deltas(hidden_states, plan, 1).items():
+        projected[target] = projected[target] + delta
+    query, key, value = (projected[t].view(hidden_shape).transpose(1, 2) for t in "qkv")  # (B, heads, N, hd)
+    batch_size, heads, tokens, _ = query.shape
+    prefix = layer.prefix_key_values(plan, batch_size, 1, heads, dtype=query.dtype)
+    if prefix is not None:
+        prefix_key, prefix_value, prefix_bias = prefix  # (B*heads, L, hd), (B, 1, 1, L)
+        length = prefix_key.shape[1]
+        key = torch.cat([prefix_key.view(batch_size, heads, length, -1), key], dim=2)
+        value = torch.cat([prefix_value.view(batch_size, heads, length, -1), value], dim=2)
+        if prefix_bias is not None or attention_mask is not None:
+            prefix_cols = (
+                prefix_bias.to(query.dtype).expand(batch_size, 1, tokens, length)
+                if prefix_bias is not None
+                else query.new_zeros(batch_size, 1, tokens, length)
+            )
+            token_cols = (
+                attention_mask.to(query.dtype).expand(batch_size, -1, tokens, -1)
+                if attention_mask is not None
+                else query.new_zeros(batch_size, 1, tokens, tokens)
+            )
+            prefix_cols = prefix_cols.expand(-1, token_cols.shape[1], -1, -1)
+            attention_mask = torch.cat([prefix_cols, token_cols], dim=-1)  # (B, 1 or heads, N, L+N)
+    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    output, _ = interface(
+        attn,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling,
+        **kwargs,
+    )
+    return attn.o_proj(output.reshape(*input_shape, -1).contiguous())
+
+
+FAMILIES = (SamBlock, ViTBlock)
+
+
+def block_family(module: nn.Module) -> type | None:
+    """The family of a transformer block, or None if MoPEFT cannot adapt it."""
+    for family in FAMILIES:
+        if family.matches(module):
+            return family
+    return None

@@ -1,0 +1,380 @@
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""The MoPEFT layer: one wrapper per transformer block that owns the LoRA, prefix, adapter and gate parameters.
+
+Why the wrapper sits on the block and not on the q/v linears: the gates read the block input pooled over *all*
+spatial tokens, and SAM's attention only ever sees one window at a time, so only the block knows the whole image.
+The block family (``blocks.py``) runs the block with the three hooks below; gates are per image and are repeated over
+the image's windows.
+
+Gates (``gating=True``), from ``pooled = mean over H*W tokens of norm1(x)``, shape ``(B, C)``:
+
+    g = sigmoid(gate_out(gelu(gate_hidden(pooled))))        # (B, n_sub_methods), in (0, 1)
+    LoRA:    q += lora_alpha / r * g_L * B_q A_q x          (same for v)
+    prefix:  logits of the L prefix keys += log g_P          # G_P scales the prefixes' attention mass; G_P -> 0 is
+                                                             # exactly the original attention
+    adapter: f += g_A * up(act(down(f)))                     # f: the FFN output, before the block's residual
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import SUB_METHODS
+
+
+class MoPEFTLayer(nn.Module, BaseTunerLayer):
+    """Wraps one transformer block (``base_layer``) of a supported family; see the module docstring for the math."""
+
+    # Every trainable tensor sits directly in a ModuleDict/ParameterDict keyed by adapter name, so peft's default key
+    # handling saves and loads them.
+    adapter_layer_names: tuple[str, ...] = (
+        "mopeft_lora_A",
+        "mopeft_lora_B",
+        "mopeft_prefix_embedding",
+        "mopeft_prefix_hidden",
+        "mopeft_prefix_out",
+        "mopeft_adapter_down",
+        "mopeft_adapter_up",
+        "mopeft_gate_hidden",
+        "mopeft_gate_out",
+    )
+    other_param_names: tuple[str, ...] = ("mopeft_settings",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, family: type, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.family = family
+        self.mopeft_lora_A = nn.ModuleDict({})
+        self.mopeft_lora_B = nn.ParameterDict({})
+        self.mopeft_prefix_embedding = nn.ParameterDict({})
+        self.mopeft_prefix_hidden = nn.ModuleDict({})
+        self.mopeft_prefix_out = nn.ModuleDict({})
+        self.mopeft_adapter_down = nn.ModuleDict({})
+        self.mopeft_adapter_up = nn.ModuleDict({})
+        self.mopeft_gate_hidden = nn.ModuleDict({})
+        self.mopeft_gate_out = nn.ModuleDict({})
+        self.mopeft_settings: dict[str, dict[str, Any]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # Set by `peft_vision_ext.analysis.gates.collect_gate_statistics`: called with (adapter, sub_method, (B,) gates).
+        self._gate_recorder: Callable[[str, str, torch.Tensor], None] | None = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Construction
+    # ----------------------------------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        sub_methods: tuple[str, ...],
+        gating: bool,
+        with_prefix: bool,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        lora_targets: list[str],
+        prefix_length: int,
+        prefix_projection_dim: int,
+        adapter_dim: int,
+        adapter_act: str,
+        gate_hidden_size: int,
+        prefix_gate_init: float,
+        init_weights: bool,
+        pruned: list[str] | None = None,
+        frozen_gates: dict[str, float] | None = None,
+    ) -> None:
+        block = self.base_layer
+        width = self.family.hidden_size(block)
+        heads = self.family.num_heads(block)
+        if width % heads:
+            raise ValueError(f"Hidden size {width} is not divisible by the number of heads {heads}.")
+        # Sub-methods present in this block: prefixes may be limited to the first block (VPT-shallow).
+        present = tuple(m for m in sub_methods if m != "prefix" or with_prefix)
+        pruned = sorted(set(pruned or []) & set(present))
+        frozen = {m: float(v) for m, v in (frozen_gates or {}).items() if m in present}
+        live = tuple(m for m in present if m not in pruned)
+        if "lora" in live:
+            self.mopeft_lora_A[adapter_name] = nn.Linear(width, r * len(lora_targets), bias=False)
+            self.mopeft_lora_B[adapter_name] = nn.Parameter(torch.zeros(len(lora_targets), width, r))
+        if "prefix" in live:
+            self.mopeft_prefix_embedding[adapter_name] = nn.Parameter(
+                torch.zeros(prefix_length, prefix_projection_dim)
+            )
+            self.mopeft_prefix_hidden[adapter_name] = nn.Linear(prefix_projection_dim, prefix_projection_dim)
+            self.mopeft_prefix_out[adapter_name] = nn.Linear(prefix_projection_dim, 2 * width)
+        if "adapter" in live:
+            self.mopeft_adapter_down[adapter_name] = nn.Linear(width, adapter_dim)
+            self.mopeft_adapter_up[adapter_name] = nn.Linear(adapter_dim, width)
+        # Gates for the live sub-methods that are not frozen to constants.
+        gated = tuple(m for m in live if m not in frozen) if gating else ()
+        if gated:
+            if gate_hidden_size > 0:
+                self.mopeft_gate_hidden[adapter_name] = nn.Linear(width, gate_hidden_size)
+            self.mopeft_gate_out[adapter_name] = nn.Linear(gate_hidden_size or width, len(gated))
+        self.mopeft_settings[adapter_name] = {
+            "live": live,
+            "gated": gated,
+            "frozen": frozen,
+            "pruned": pruned,
+            "scaling": lora_alpha / r,
+            "r": r,
+            "lora_targets": list(lora_targets),
+            "lora_dropout": lora_dropout,
+            "adapter_act": adapter_act,
+            "heads": heads,
+            "prefix_gate_init": prefix_gate_init,
+        }
+        self.reset_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        settings = self.mopeft_settings[adapter_name]
+        generator = torch.Generator().manual_seed(zlib.crc32(adapter_name.encode()))
+
+        def normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+            return std * torch.randn(shape, generator=generator)
+
+        if adapter_name in self.mopeft_lora_A:
+            a = self.mopeft_lora_A[adapter_name]
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # as peft's LoRA A
+            b = self.mopeft_lora_B[adapter_name]
+            # B starts at zero, so LoRA leaves the model unchanged at step 0.
+            b.copy_(torch.zeros_like(b) if init_weights else normal(b.shape, 0.1))
+        if adapter_name in self.mopeft_prefix_embedding:
+            self.mopeft_prefix_embedding[adapter_name].copy_(
+                normal(self.mopeft_prefix_embedding[adapter_name].shape, 1)
+            )
+            out = self.mopeft_prefix_out[adapter_name]
+            # Small prefix keys and values: prefixes start as near-uniform attention sinks with values close to zero.
+            out.weight.copy_(normal(out.weight.shape, 0.02))
+            nn.init.zeros_(out.bias)
+        if adapter_name in self.mopeft_adapter_down:
+            up = self.mopeft_adapter_up[adapter_name]
+            # The up-projection starts at zero, so the adapter leaves the model unchanged at step 0.
+            up.weight.copy_(torch.zeros_like(up.weight) if init_weights else normal(up.weight.shape, 0.05))
+            nn.init.zeros_(up.bias)
+        if adapter_name in self.mopeft_gate_out:
+            gate = self.mopeft_gate_out[adapter_name]
+            # Input-independent gates at first (zero weights); G_L = G_A = 0.5, G_P = sigmoid(prefix_gate_init).
+            # Random gates (init_weights=False) make tests exercise per-image gate values.
+            gate.weight.copy_(torch.zeros_like(gate.weight) if init_weights else normal(gate.weight.shape, 0.5))
+            bias = torch.zeros(len(settings["gated"]))
+            if "prefix" in settings["gated"]:
+                bias[settings["gated"].index("prefix")] = settings["prefix_gate_init"]
+            gate.bias.copy_(bias)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------------------
+    def _live(self, name: str, method: str) -> bool:
+        settings = self.mopeft_settings[name]
+        if method not in settings["live"]:
+            return False
+        return not (method == "lora" and name in self.merged_adapters)
+
+    def _active(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.mopeft_settings]
+
+    def plan(self, pooled: torch.Tensor) -> dict[str, dict[str, torch.Tensor | float]]:
+        """Gate values of every active adapter for a batch: ``{adapter: {sub_method: (B,) tensor or constant}}``.
+
+        ``pooled``: the block's normalised input mean-pooled over all spatial tokens, ``(B, C)``.
+        """
+        plan: dict[str, dict[str, torch.Tensor | float]] = {}
+        for name in self._active():
+            settings = self.mopeft_settings[name]
+            gates: dict[str, torch.Tensor | float] = {m: 1.0 for m in settings["live"]}
+            gates.update(settings["frozen"])
+            if settings["gated"]:
+                x = pooled.to(self.mopeft_gate_out[name].weight.dtype)
+                if name in self.mopeft_gate_hidden:
+                    x = F.gelu(self.mopeft_gate_hidden[name](x))
+                logits = self.mopeft_gate_out[name](x)  # (B, n_gated)
+                values = torch.sigmoid(logits)  # each in (0, 1)
+                for index, method in enumerate(settings["gated"]):
+                    gates[method] = values[:, index]
+                if "prefix" in settings["gated"]:
+                    # log G_P as logsigmoid of the logit: finite for any input, with a well-behaved gradient.
+                    gates["prefix_log"] = F.logsigmoid(logits[:, settings["gated"].index("prefix")])
+            if self._gate_recorder is not None:
+                for method, value in gates.items():
+                    if method not in SUB_METHODS:
+                        continue
+                    if isinstance(value, torch.Tensor):
+                        self._gate_recorder(name, method, value.detach())
+                    else:
+                        self._gate_recorder(name, method, torch.full((pooled.shape[0],), float(value)))
+            plan[name] = gates
+        return plan
+
+    @staticmethod
+    def _per_row(gate: torch.Tensor | float, repeats: int, ndim: int) -> torch.Tensor | float:
+        """Per-image gates ``(B,)`` -> one value per row of a ``(B*repeats, ...)`` tensor with ``ndim`` dims."""
+        if not isinstance(gate, torch.Tensor):
+            return gate
+        if repeats > 1:
+            gate = gate.repeat_interleave(repeats)  # windows of one image are consecutive rows
+        return gate.view(-1, *([1] * (ndim - 1)))
+
+    def lora_deltas(self, x: torch.Tensor, plan: dict, repeats: int) -> dict[str, torch.Tensor]:
+        """LoRA updates of the projections: ``{"q": (..., C), "v": (..., C)}`` for ``x`` of shape ``(rows, ..., C)``."""
+        deltas: dict[str, torch.Tensor] = {}
+        for name, gates in plan.items():
+            if "lora" not in gates or not self._live(name, "lora"):
+                continue
+            settings = self.mopeft_settings[name]
+            a = self.mopeft_lora_A[name]
+            b = self.mopeft_lora_B[name]  # (targets, C, r)
+            inputs = x.to(a.weight.dtype)
+            if settings["lora_dropout"] > 0:
+                inputs = F.dropout(inputs, p=settings["lora_dropout"], training=self.training)
+            low = a(inputs).unflatten(-1, (b.shape[0], b.shape[2]))  # (..., targets, r)
+            update = torch.einsum("...tr,tcr->...tc", low, b)  # (..., targets, C)
+            scale = self._per_row(gates["lora"], repeats, update.ndim)  # float, or (rows, 1, ..., 1)
+            update = update * (settings["scaling"] * scale)
+            for index, target in enumerate(settings["lora_targets"]):
+                delta = update[..., index, :].to(x.dtype)
+                deltas[target] = deltas[target] + delta if target in deltas else delta
+        return deltas
+
+    def prefix_key_values(
+        self, plan: dict, rows: int, repeats: int, heads: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """Prefix keys and values ``(rows*heads, L, hd)`` for ``rows = B * repeats`` attention rows (windows), and the
+        prefix logit bias ``(rows, 1, 1, L)`` that holds ``log G_P`` (None when no prefix is gated)."""
+        keys, values, biases = [], [], []
+        for name, gates in plan.items():
+            if "prefix" not in gates or not self._live(name, "prefix"):
+                continue
+            hidden = torch.tanh(self.mopeft_prefix_hidden[name](self.mopeft_prefix_embedding[name]))  # (L, d)
+            prefix = self.mopeft_prefix_out[name](hidden).to(dtype)  # (L, 2C): the MLP re-parameterisation
+            key, value = prefix.unflatten(-1, (2, heads, -1)).permute(1, 2, 0, 3)  # each (heads, L, hd)
+            keys.append(key)
+            values.append(value)
+            length = key.shape[1]
+            if "prefix_log" in gates:  # gated: log G_P per image, repeated over the image's windows
+                log_gate = gates["prefix_log"].to(dtype).repeat_interleave(repeats)  # (rows,)
+                biases.append(log_gate[:, None, None, None].expand(rows, 1, 1, length))
+            elif gates["prefix"] != 1.0:  # a gate frozen to a constant by pruning
+                biases.append(key.new_full((rows, 1, 1, length), math.log(gates["prefix"])))
+            else:
+                biases.append(None)
+        if not keys:
+            return None
+        key = torch.cat(keys, dim=1)  # (heads, L_total, hd)
+        value = torch.cat(values, dim=1)
+        total = key.shape[1]
+        key = key.unsqueeze(0).expand(rows, -1, -1, -1).reshape(rows * heads, total, -1)
+        value = value.unsqueeze(0).expand(rows, -1, -1, -1).reshape(rows * heads, total, -1)
+        if all(b is None for b in biases):
+            return key, value, None
+        parts = [b if b is not None else key.new_zeros(rows, 1, 1, k.shape[1]) for b, k in zip(biases, keys)]
+        return key, value, torch.cat(parts, dim=-1)
+
+    def adapt_ffn_output(self, ffn: torch.Tensor, plan: dict) -> torch.Tensor:
+        """``f + G_A * up(act(down(f)))`` for each active adapter, ``f`` the FFN output ``(B, ..., C)``."""
+        for name, gates in plan.items():
+            if "adapter" not in gates or not self._live(name, "adapter"):
+                continue
+            down, up = self.mopeft_adapter_down[name], self.mopeft_adapter_up[name]
+            act = F.relu if self.mopeft_settings[name]["adapter_act"] == "relu" else F.gelu
+            update = up(act(down(ffn.to(down.weight.dtype)))).to(ffn.dtype)
+            gate = self._per_row(gates["adapter"], 1, ffn.ndim)
+            ffn = ffn + (update if isinstance(gate, float) and gate == 1.0 else gate * update)
+        return ffn
+
+    def _has_live_work(self) -> bool:
+        return any(any(self._live(name, m) for m in self.mopeft_settings[name]["live"]) for name in self._active())
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(hidden_states, *args, **kwargs)
+        if not self._has_live_work():
+            return self.base_layer(hidden_states, *args, **kwargs)
+        return self.family.run(self, hidden_states, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Merging: only LoRA with an input-independent scaling is a weight update; everything else is refused in words.
+    # ----------------------------------------------------------------------------------------------------------------
+    def merge_blockers(self, adapter_name: str) -> list[str]:
+        """Why ``adapter_name`` cannot be folded into this block's weights exactly (empty if it can)."""
+        settings = self.mopeft_settings[adapter_name]
+        reasons = []
+        if "lora" in settings["gated"]:
+            reasons.append("its LoRA scaling comes from an input-dependent gate")
+        if "prefix" in settings["live"]:
+            reasons.append("prefixes add attention keys and values, which no weight update reproduces")
+        if "adapter" in settings["live"]:
+            reasons.append("the bottleneck adapter is non-linear")
+        return reasons
+
+    def get_delta_weight(self, adapter_name: str, target: str) -> torch.Tensor:
+        """``scaling * G_L * B_t A_t``: the update of the ``target`` rows of its projection, ``(C_out, C_in)``."""
+        settings = self.mopeft_settings[adapter_name]
+        index = settings["lora_targets"].index(target)
+        r = settings["r"]
+        a = self.mopeft_lora_A[adapter_name].weight[index * r : (index + 1) * r]  # (r, C_in)
+        b = self.mopeft_lora_B[adapter_name][index]  # (C_out, r)
+        gate = settings["frozen"].get("lora", 1.0)
+        return (b @ a) * (settings["scaling"] * gate)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold each adapter's LoRA into the q/k/v weights. Prefixes and adapters of the same adapter keep running
+        (the result stays exact); a gated LoRA cannot be folded and raises."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        for name in adapter_names:
+            settings = self.mopeft_settings.get(name)
+            if settings is None:
+                continue
+            if "lora" in settings["gated"]:
+                raise ValueError(
+                    f"Cannot merge MoPEFT adapter {name!r}: its LoRA scaling comes from an input-dependent gate, so no "
+                    "single weight update equals it. Run `peft_vision_ext.prune_mopeft(model, calibration_batches, "
+                    "freeze_gates=True)` to replace near-constant gates by constants first, or train with "
+                    "`gating=False`."
+                )
+            if "lora" not in settings["live"]:
+                self.merged_adapters.append(name)  # nothing to fold; prefixes/adapters keep running
+                continue
+            updates = []
+            for target in settings["lora_targets"]:
+                linear, rows = self.family.projection(self.base_layer, target)
+                delta = self.get_delta_weight(name, target).to(linear.weight.dtype)
+                if safe_merge and not torch.isfinite(linear.weight.data[rows] + delta).all():
+                    raise ValueError(f"NaNs or Infs detected in the merged weights of adapter {name!r}; not merged.")
+                updates.append((linear, rows, delta))
+            for linear, rows, delta in updates:
+                linear.weight.data[rows] += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            settings = self.mopeft_settings.get(name)
+            if settings is None or "lora" not in settings["live"]:
+                continue
+            for target in settings["lora_targets"]:
+                linear, rows = self.family.projection(self.base_layer, target)
+                linear.weight.data[rows] -= self.get_delta_weight(name, target).to(linear.weight.dtype)
+
+    def __repr__(self) -> str:
+        return "mopeft." + super().__repr__()
