@@ -9,6 +9,15 @@ __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the models with the transformers Auto classes)
 from .tuners import ConvAdapterConfig, ConvAdapterModel, MoPEFTConfig, MoPEFTModel  # noqa: E402  (registers)
+from .tuners.mopeft import merge_mergeable, prune_mopeft  # noqa: E402
 
 
-__all__ = ["ConvAdapterConfig", "ConvAdapterModel", "MoPEFTConfig", "MoPEFTModel", "__version__"]
+__all__ = [
+    "ConvAdapterConfig",
+    "ConvAdapterModel",
+    "MoPEFTConfig",
+    "MoPEFTModel",
+    "__version__",
+    "merge_mergeable",
+    "prune_mopeft",
+]

@@ -1,4 +1,5 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+from .gates import GateTelemetry, collect_gate_statistics, plot_gate_usage
 from .io import check_adapter_dir
 from .ranking import (
     SCORES,
@@ -16,8 +17,11 @@ __all__ = [
     "SCORES",
     "AdapterScore",
     "ExportResult",
+    "GateTelemetry",
     "check_adapter_dir",
+    "collect_gate_statistics",
     "export_adapters",
+    "plot_gate_usage",
     "rank_adapters",
     "score_adapters",
     "select_adapters",

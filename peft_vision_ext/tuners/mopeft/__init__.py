@@ -4,6 +4,7 @@ from .blocks import SUPPORTED_BLOCKS, SamBlock, ViTBlock, block_family
 from .config import MOPEFT, SUB_METHODS, MoPEFTConfig
 from .layer import MoPEFTLayer
 from .model import MoPEFTModel, find_blocks
+from .prune import PruneReport, merge_mergeable, prune_mopeft
 
 
 __all__ = [
@@ -13,10 +14,13 @@ __all__ = [
     "MoPEFTConfig",
     "MoPEFTLayer",
     "MoPEFTModel",
+    "PruneReport",
     "SamBlock",
     "ViTBlock",
     "block_family",
     "find_blocks",
+    "merge_mergeable",
+    "prune_mopeft",
 ]
 
 register_method(name="mopeft", config_cls=MoPEFTConfig, model_cls=MoPEFTModel, prefix="mopeft_")

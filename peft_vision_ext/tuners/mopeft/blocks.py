@@ -41,6 +41,23 @@ def _is_linear(module: Any) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _children(module: nn.Module) -> set[str]:
+    return {name for name, _ in module.named_children()}
+
+
+def _own_parameters(module: nn.Module) -> set[str]:
+    return {name for name, _ in module.named_parameters(recurse=False)}
+
+
+# A family's `run` re-implements the block's forward, so a block matches only if it holds exactly the parts that
+# `run` executes: a block with anything more (Swin's shifted windows and relative-position table, ...) is refused
+# rather than silently run without it.
+_SAM_BLOCK_PARTS = {"layer_norm1", "attn", "layer_norm2", "mlp"}
+_SAM_ATTENTION_PARAMS = {"rel_pos_h", "rel_pos_w"}
+_VIT_BLOCK_PARTS = ({"attention", "layernorm_before", "layernorm_after", "mlp", "dropout"},)
+_DINOV2_BLOCK_PARTS = {"norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"}
+
+
 class SamBlock:
     name = "sam"
 
@@ -49,6 +66,9 @@ class SamBlock:
         attn = getattr(block, "attn", None)
         return (
             attn is not None
+            and _children(block) == _SAM_BLOCK_PARTS
+            and _children(attn) == {"qkv", "proj"}
+            and _own_parameters(attn) <= _SAM_ATTENTION_PARAMS
             and _is_linear(getattr(attn, "qkv", None))
             and _is_linear(getattr(attn, "proj", None))
             and hasattr(attn, "num_attention_heads")
@@ -166,15 +186,13 @@ class ViTBlock:
     @staticmethod
     def matches(block: nn.Module) -> bool:
         attn = getattr(block, "attention", None)
-        if attn is None or not all(
-            _is_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-        ):
+        if attn is None or _children(block) not in (*_VIT_BLOCK_PARTS, _DINOV2_BLOCK_PARTS):
             return False
-        if not (hasattr(attn, "head_dim") and hasattr(attn, "scaling") and hasattr(block, "mlp")):
+        if _children(attn) != {"q_proj", "k_proj", "v_proj", "o_proj"} or _own_parameters(attn):
             return False
-        vit_style = hasattr(block, "layernorm_before") and hasattr(block, "layernorm_after")
-        dinov2_style = all(hasattr(block, n) for n in ("norm1", "norm2", "layer_scale1", "layer_scale2"))
-        return vit_style or dinov2_style
+        return all(_is_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and all(
+            hasattr(attn, n) for n in ("head_dim", "scaling", "num_attention_heads", "config")
+        )
 
     @staticmethod
     def hidden_size(block: nn.Module) -> int:
