@@ -37,6 +37,10 @@ Domains (``ROCK_DOMAINS``) share the label semantics but differ in how the scene
     lit from above, so the shading cue of the source almost vanishes), fresh rocks have a somewhat higher albedo
     than the mature regolith, the ground is textured and cratered and the exposure is washed out; mild noise and
     blur.
+``"moon-boulders"``
+    A shift in class set, segment size and sensor: a down-looking view with no horizon (only the classes ground and
+    rock), a few large boulders instead of a field of small rocks, through a noisy, blurry camera; otherwise the
+    lunar look of ``"moon-real"``.
 
 All randomness comes from the ``numpy.random.Generator`` passed in, so a scene is reproducible from its seed.
 ``load_rock_dataset`` wraps the renderer into a Hugging Face ``datasets.Dataset`` whose sample ``i`` is seeded by a
@@ -44,6 +48,8 @@ stable hash of ``(seed, domain, split, i)``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import math
 import zlib
@@ -73,7 +79,7 @@ ROCK_LABELS: dict[int, str] = {0: "ground", 1: "rock", 2: "sky"}
 ROCK_IGNORE_INDEX: int = 255
 """Label value reserved for "ignore" pixels. The renderer never emits it; it is exported for losses and metrics."""
 
-ROCK_DOMAINS: tuple[str, ...] = ("source", "moon-real", "mars", "moon-highsun")
+ROCK_DOMAINS: tuple[str, ...] = ("source", "moon-real", "mars", "moon-highsun", "moon-boulders")
 """Available domains: the synthetic pretraining domain first, then the adaptation targets."""
 
 ROCK_SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -290,6 +296,16 @@ _STYLES: dict[str, _DomainStyle] = {
     ),
 }
 
+
+_STYLES["moon-boulders"] = dataclasses.replace(
+    _STYLES["moon-real"],
+    sky_prob=0.0,
+    rock_count=(3.0, 6.0),
+    rock_radius=(0.08, 0.3),
+    size_skew=1.0,
+    noise_sigma=(0.03, 0.05),
+    blur=2,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Argument validation
