@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import warnings
 
 import pytest
 import torch
@@ -88,9 +87,10 @@ def naive_sam_block(layer: MoPEFTLayer, x: torch.Tensor, adapter: str = "default
                     logits = (qh * attn.scale) @ kh.T  # (N, N)
                     # decomposed relative position: q . R_h[i - k] + q . R_w[j - l]
                     qq = qh.reshape(ws_h, ws_w, hd)
-                    bias_hw = torch.einsum("ijc,ikc->ijk", qq, rel_h)[:, :, :, None] + torch.einsum(
-                        "ijc,jlc->ijl", qq, rel_w
-                    )[:, :, None, :]
+                    bias_hw = (
+                        torch.einsum("ijc,ikc->ijk", qq, rel_h)[:, :, :, None]
+                        + torch.einsum("ijc,jlc->ijl", qq, rel_w)[:, :, None, :]
+                    )
                     logits = logits + bias_hw.reshape(ws_h * ws_w, ws_h * ws_w)
                     values_h = vh
                     if "prefix" in settings["live"]:
@@ -177,7 +177,9 @@ SWITCHES = [c for c in itertools.product([True, False], repeat=3) if any(c)]
 
 
 @pytest.mark.parametrize("gating", [True, False])
-@pytest.mark.parametrize("switches", SWITCHES, ids=["".join("LPA"[i] if on else "-" for i, on in enumerate(c)) for c in SWITCHES])
+@pytest.mark.parametrize(
+    "switches", SWITCHES, ids=["".join("LPA"[i] if on else "-" for i, on in enumerate(c)) for c in SWITCHES]
+)
 def test_every_switch_combination(switches, gating):
     use_lora, use_prefix, use_adapter = switches
     base, model = peft_sam(use_lora=use_lora, use_prefix=use_prefix, use_adapter=use_adapter, gating=gating)
@@ -196,7 +198,9 @@ def test_every_switch_combination(switches, gating):
 
 def test_vpt_shallow_puts_prefixes_in_the_first_block_only():
     _, model = peft_sam(use_lora=False, use_adapter=False, prefix_depth="shallow")
-    with_prefix = [n for n, m in model.named_modules() if isinstance(m, MoPEFTLayer) and "default" in m.mopeft_prefix_out]
+    with_prefix = [
+        n for n, m in model.named_modules() if isinstance(m, MoPEFTLayer) and "default" in m.mopeft_prefix_out
+    ]
     assert with_prefix == ["base_model.model.vision_encoder.layers.0"]
 
 
@@ -302,7 +306,9 @@ def test_prefix_on_a_model_without_supported_attention():
 def test_unsupported_model_type():
     from transformers import SwinConfig, SwinModel
 
-    swin = SwinModel(SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=32, patch_size=4, window_size=2))
+    swin = SwinModel(
+        SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=32, patch_size=4, window_size=2)
+    )
     with pytest.raises(ValueError, match="SwinModel has no transformer block that MoPEFT supports.*SamVisionLayer"):
         get_peft_model(swin, MoPEFTConfig(use_prefix=False))
 

@@ -83,3 +83,37 @@ def test_accelerate_twin_two_cpu_processes(tmp_path):
     loaded_state = get_peft_model_state_dict(loaded)
     assert loaded_state.keys() == rank0.keys()
     assert all(torch.equal(loaded_state[key], rank0[key]) for key in rank0)
+
+
+def test_sam_mopeft_quick(tmp_path):
+    recipe = os.path.join(ROOT, "recipes", "sam_mopeft")
+    sys.path.insert(0, recipe)
+    try:
+        import run_sam_mopeft
+    finally:
+        sys.path.remove(recipe)
+    results = run_sam_mopeft.main(["--output_dir", str(tmp_path), "--quick", "--per_device_train_batch_size", "8"])
+    assert (tmp_path / "gates.png").stat().st_size > 10_000
+    table = (tmp_path / "results.md").read_text()
+    for title in (
+        "Zero-shot",
+        "decoderFT",
+        "LoRA",
+        "VPT",
+        "VPT-deep",
+        "Adapter",
+        "MoPEFT",
+        "Full FT",
+        "Ablation of `r`",
+    ):
+        assert f"| {title}" in table or title in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for domain in ("mars", "moon-boulders"):
+        row = saved["domains"][domain]
+        assert set(run_sam_mopeft.METHODS) <= set(row)
+        assert all(0.0 <= row[m]["mean_iou"] <= 1.0 for m in run_sam_mopeft.METHODS)
+        assert set(row["mopeft_gates"]["mean"]) == {"lora", "prefix", "adapter"}
+        assert "prune_report" in row["mopeft_pruned"]
+    shares = results["trainable_percent"]
+    assert shares["zero_shot"] == 0 and shares["full"] == 100
+    assert shares["lora"] < shares["mopeft"] < shares["full"]

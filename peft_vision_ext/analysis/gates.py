@@ -1,12 +1,12 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 """Gate telemetry for MoPEFT: which sub-method each block uses, per image, during inference (seed 002, Fig. 4.2).
 
-    with collect_gate_statistics(model) as gates:
-        for batch in loader:
-            model(**batch)
-    gates.summary()            # {block: {sub_method: {mean, std, min, max, p05, p95, active_fraction, count}}}
-    gates.selection_counts()   # {sub_method: times it had the largest gate of its block}
-    plot_gate_usage({"mars": gates, "moon": other}, "gates.png")
+with collect_gate_statistics(model) as gates:
+    for batch in loader:
+        model(**batch)
+gates.summary()            # {block: {sub_method: {mean, std, min, max, p05, p95, active_fraction, count}}}
+gates.selection_counts()   # {sub_method: times it had the largest gate of its block}
+plot_gate_usage({"mars": gates, "moon": other}, "gates.png")
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ def collect_gate_statistics(model: nn.Module, adapter_name: str | None = None) -
             layer._gate_recorder = None
 
 
-def plot_gate_usage(telemetries: Mapping[str, GateTelemetry], path: str | os.PathLike, title: str | None = None) -> str:
+def plot_gate_usage(
+    telemetries: Mapping[str, GateTelemetry], path: str | os.PathLike, title: str | None = None
+) -> str:
     """The seed's Figure 4.2 for several domains: how often each sub-method is selected (largest gate of its block),
     and the mean gate per block and sub-method. Writes a PNG and returns its path."""
     import matplotlib

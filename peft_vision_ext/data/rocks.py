@@ -50,7 +50,6 @@ stable hash of ``(seed, domain, split, i)``.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import zlib
 from dataclasses import dataclass

@@ -203,7 +203,12 @@ def merge_mergeable(model: nn.Module, adapter_name: str = "default") -> nn.Modul
     """Fold every LoRA with a constant scaling into its q/k/v weights; return the unloaded base model if nothing
     else is left, else the (partially merged, still exact) peft model."""
     layers = _layers(model)
-    blockers = [r for layer in layers.values() if adapter_name in layer.mopeft_settings for r in layer.merge_blockers(adapter_name)]
+    blockers = [
+        r
+        for layer in layers.values()
+        if adapter_name in layer.mopeft_settings
+        for r in layer.merge_blockers(adapter_name)
+    ]
     if not blockers and hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     for layer in layers.values():
