@@ -1,9 +1,14 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""Config behaviour shared by every method of this package (module-name normalisation, checked loading, cards)."""
+"""Behaviour shared by every method of this package: module-name normalisation, checked loading, model cards,
+exclusion matching and the checkpoint-fits-model check."""
 
 from __future__ import annotations
 
+import copy
 import os
+
+import torch
+from torch import nn
 
 from ..hub import update_model_card
 
@@ -50,3 +55,63 @@ class CheckedLoadingMixin:
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
         update_model_card(save_directory, method=self.method_name, config=self)
+
+
+def is_excluded(config, key: str) -> bool:
+    """Whether ``exclude_modules`` of ``config`` rules out the module ``key`` (peft's own matching, on a probe copy
+    whose ``target_modules`` names exactly that module)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = copy.copy(config)
+    probe.target_modules = [key]
+    return not check_target_module_exists(probe, key)
+
+
+def check_adapter_fits(
+    model: nn.Module,
+    layer_cls: type,
+    config,
+    adapter_name: str,
+    remapped: dict[str, torch.Tensor],
+    *,
+    title: str,
+    remedy: str,
+) -> None:
+    """Raise a ``ValueError`` naming the tensors if a checkpoint (keys already remapped to the model) misses adapter
+    tensors of ``layer_cls`` layers, or holds tensors of the wrong shape. peft would otherwise load it partially or
+    fail with a bare size-mismatch error."""
+    model_state = model.state_dict()
+    expected = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, layer_cls):
+            continue
+        for attr in layer_cls.adapter_layer_names:
+            container = getattr(module, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                expected.append(f"{module_name}.{attr}.{adapter_name}")
+            else:
+                expected += [f"{module_name}.{attr}.{adapter_name}.{key}" for key in item.state_dict()]
+    missing = [key for key in expected if key not in remapped]
+    mismatched = [
+        f"`{key}`: checkpoint {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
+        for key, value in remapped.items()
+        if key in model_state and tuple(value.shape) != tuple(model_state[key].shape)
+    ]
+    if not (missing or mismatched):
+        return
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) have the wrong shape, e.g. " + "; ".join(mismatched[:3]))
+    if missing:
+        problems.append(
+            f"{len(missing)} adapter tensor(s) are missing from the checkpoint, e.g. "
+            + ", ".join(f"`{key}`" for key in missing[:3])
+        )
+    trained_on = config.base_model_name_or_path or "an unrecorded base model"
+    raise ValueError(
+        f"{title} {adapter_name!r} does not fit this model: " + "; ".join(problems) + f". The adapter was trained on "
+        f"{trained_on}; load it onto that base model, or {remedy} if the file is damaged."
+    )

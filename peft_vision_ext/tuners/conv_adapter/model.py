@@ -1,7 +1,6 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -10,6 +9,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PretrainedConfig
 
+from .._common import check_adapter_fits, is_excluded
 from .config import ConvAdapterConfig
 from .layer import Conv2d, ConvAdapterLayer, fusion_blockers
 
@@ -90,12 +90,6 @@ class ConvAdapterModel(BaseTuner):
         # `target_modules=None` means "every fusable conv"; it is resolved against the model in `_prepare_model`.
         return peft_config
 
-    @staticmethod
-    def _is_excluded(peft_config: ConvAdapterConfig, key: str) -> bool:
-        probe = copy.copy(peft_config)
-        probe.target_modules = [key]
-        return not check_target_module_exists(probe, key)
-
     def _prepare_model(self, peft_config: ConvAdapterConfig, model: nn.Module) -> None:
         convs = find_convs(model)
         if not convs:
@@ -106,7 +100,7 @@ class ConvAdapterModel(BaseTuner):
         if peft_config.target_modules is None:
             fusable, skipped = [], {}
             for name, conv in convs.items():
-                if self._is_excluded(peft_config, name):
+                if is_excluded(peft_config, name):
                     continue
                 reasons = fusion_blockers(conv)
                 if reasons:
@@ -241,38 +235,15 @@ class ConvAdapterModel(BaseTuner):
         cls, model: nn.Module, config: ConvAdapterConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        model_state = model.state_dict()
-        expected = []
-        for module_name, module in model.named_modules():
-            if isinstance(module, ConvAdapterLayer) and adapter_name in module.convadapter_bn:
-                for attr in ConvAdapterLayer.adapter_layer_names:
-                    container = getattr(module, attr)
-                    if adapter_name in container:
-                        expected += [
-                            f"{module_name}.{attr}.{adapter_name}.{key}"
-                            for key in container[adapter_name].state_dict()
-                        ]
-        missing = [key for key in expected if key not in remapped]
-        mismatched = [
-            f"`{key}`: checkpoint {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
-            for key, value in remapped.items()
-            if key in model_state and tuple(value.shape) != tuple(model_state[key].shape)
-        ]
-        if missing or mismatched:
-            trained_on = config.base_model_name_or_path or "an unrecorded base model"
-            problems = []
-            if mismatched:
-                problems.append(f"{len(mismatched)} tensor(s) have the wrong shape, e.g. " + "; ".join(mismatched[:3]))
-            if missing:
-                problems.append(
-                    f"{len(missing)} adapter tensor(s) are missing from the checkpoint, e.g. "
-                    + ", ".join(f"`{key}`" for key in missing[:3])
-                )
-            raise ValueError(
-                f"Conv adapter {adapter_name!r} does not fit this model: " + "; ".join(problems) + ". The adapter was "
-                f"trained on {trained_on}; load it onto that base model, or re-export the adapter if the file is "
-                "damaged."
-            )
+        check_adapter_fits(
+            model,
+            ConvAdapterLayer,
+            config,
+            adapter_name,
+            remapped,
+            title="Conv adapter",
+            remedy="re-export the adapter",
+        )
         return remapped
 
 

@@ -1,12 +1,11 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 from __future__ import annotations
 
-import copy
-
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
+from .._common import check_adapter_fits, is_excluded
 from .blocks import SUPPORTED_BLOCKS, block_family
 from .config import MoPEFTConfig
 from .layer import MoPEFTLayer
@@ -73,12 +72,6 @@ class MoPEFTModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: MoPEFTConfig, model_config: dict) -> MoPEFTConfig:
         return peft_config
 
-    @staticmethod
-    def _is_excluded(peft_config: MoPEFTConfig, key: str) -> bool:
-        probe = copy.copy(peft_config)
-        probe.target_modules = [key]
-        return not check_target_module_exists(probe, key)
-
     def _prepare_model(self, peft_config: MoPEFTConfig, model: nn.Module) -> None:
         if peft_config.modules_to_save is None:
             defaults = getattr(model, "peft_modules_to_save", None)
@@ -88,7 +81,7 @@ class MoPEFTModel(BaseTuner):
         if not blocks:
             raise _unsupported_model_error(model, peft_config)
         if peft_config.target_modules is None:
-            selected = [name for name in blocks if not self._is_excluded(peft_config, name)]
+            selected = [name for name in blocks if not is_excluded(peft_config, name)]
             if not selected:
                 raise ValueError(
                     f"`exclude_modules`={peft_config.exclude_modules!r} excludes every one of the model's "
@@ -216,37 +209,7 @@ class MoPEFTModel(BaseTuner):
         cls, model: nn.Module, config: MoPEFTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        model_state = model.state_dict()
-        expected = []
-        for module_name, module in model.named_modules():
-            if isinstance(module, MoPEFTLayer) and adapter_name in module.mopeft_settings:
-                for attr in MoPEFTLayer.adapter_layer_names:
-                    container = getattr(module, attr)
-                    if adapter_name not in container:
-                        continue
-                    item = container[adapter_name]
-                    if isinstance(item, nn.Parameter):
-                        expected.append(f"{module_name}.{attr}.{adapter_name}")
-                    else:
-                        expected += [f"{module_name}.{attr}.{adapter_name}.{key}" for key in item.state_dict()]
-        missing = [key for key in expected if key not in remapped]
-        mismatched = [
-            f"`{key}`: checkpoint {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
-            for key, value in remapped.items()
-            if key in model_state and tuple(value.shape) != tuple(model_state[key].shape)
-        ]
-        if missing or mismatched:
-            problems = []
-            if mismatched:
-                problems.append(f"{len(mismatched)} tensor(s) have the wrong shape, e.g. " + "; ".join(mismatched[:3]))
-            if missing:
-                problems.append(
-                    f"{len(missing)} adapter tensor(s) are missing from the checkpoint, e.g. "
-                    + ", ".join(f"`{key}`" for key in missing[:3])
-                )
-            trained_on = config.base_model_name_or_path or "an unrecorded base model"
-            raise ValueError(
-                f"MoPEFT adapter {adapter_name!r} does not fit this model: " + "; ".join(problems) + ". The adapter "
-                f"was trained on {trained_on}; load it onto that base model, or re-save it if the file is damaged."
-            )
+        check_adapter_fits(
+            model, MoPEFTLayer, config, adapter_name, remapped, title="MoPEFT adapter", remedy="re-save it"
+        )
         return remapped
