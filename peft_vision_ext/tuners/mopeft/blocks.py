@@ -163,7 +163,7 @@ def _sam_attention(
             )
             spatial_cols = rel_pos if rel_pos is not None else query.new_zeros(n, heads, tokens, tokens)
             bias = torch.cat([prefix_cols, spatial_cols], dim=-1)  # (n, heads, N, L+N)
-    if type(attn).__name__.endswith("SdpaAttention") or getattr(attn, "_mopeft_use_sdpa", False):
+    if type(attn).__name__.endswith("SdpaAttention"):  # transformers' SamVisionSdpaAttention
         output = F.scaled_dot_product_attention(
             query.view(n, heads, tokens, -1),
             key.view(n, heads, key.shape[1], -1),

@@ -131,7 +131,6 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
             "lora_targets": list(lora_targets),
             "lora_dropout": lora_dropout,
             "adapter_act": adapter_act,
-            "heads": heads,
             "prefix_gate_init": prefix_gate_init,
         }
         self.reset_parameters(adapter_name, init_weights)
