@@ -28,6 +28,8 @@ from transformers.models.sam.modeling_sam import (
     SamVisionEncoder,
 )
 
+from ._outputs import segmenter_output, semantic_segmentation_loss
+
 
 # Decoder tensors whose shape depends on the number of classes (one mask token and one hypernetwork MLP per class).
 CLASS_DEPENDENT_KEYS = ("mask_decoder.mask_tokens.", "mask_decoder.iou_prediction_head.proj_out.")
@@ -199,22 +201,11 @@ class SamForSemanticSegmentation(SamPreTrainedModel):
 
         loss = None
         if labels is not None:
-            if labels.ndim != 3 or labels.shape[0] != batch_size:
-                raise ValueError(
-                    f"`labels` must have shape (batch, height, width) with batch {batch_size}, got "
-                    f"{tuple(labels.shape)}."
-                )
-            loss_logits = logits
-            if tuple(labels.shape[-2:]) != input_size:
-                loss_logits = F.interpolate(low_res, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            # From the low-resolution masks straight to the label size (one resize, whatever the label size).
             ignore_index = getattr(self.config, "semantic_loss_ignore_index", 255)
-            loss = F.cross_entropy(loss_logits, labels.long(), ignore_index=ignore_index)
-
+            loss = semantic_segmentation_loss(low_res, labels, ignore_index)
         hidden_states = vision_outputs.hidden_states if output_hidden_states else None
-        if not return_dict:
-            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        return segmenter_output(loss, logits, hidden_states, return_dict)
 
 
 __all__ = ["SamForSemanticSegmentation"]

@@ -20,6 +20,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
+from ._outputs import segmenter_output, semantic_segmentation_loss
+
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
@@ -242,18 +244,6 @@ class UNetForSemanticSegmentation(PreTrainedModel):
 
         loss = None
         if labels is not None:
-            if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-                raise ValueError(
-                    f"`labels` must have shape (batch, height, width) with batch {logits.shape[0]}, got "
-                    f"{tuple(labels.shape)}."
-                )
-            loss_logits = logits
-            if tuple(labels.shape[-2:]) != input_size:
-                loss_logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(loss_logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
-
+            loss = semantic_segmentation_loss(logits, labels, self.config.semantic_loss_ignore_index)
         hidden_states = (*features, decoded) if output_hidden_states else None
-        if not return_dict:
-            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        return segmenter_output(loss, logits, hidden_states, return_dict)
