@@ -21,12 +21,11 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 from peft import get_peft_model
-from transformers import HfArgumentParser, SamConfig, Trainer, TrainingArguments, set_seed
+from transformers import SamConfig, Trainer, TrainingArguments, set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
 from peft_vision_ext import MoPEFTConfig, merge_mergeable, prune_mopeft
@@ -34,6 +33,7 @@ from peft_vision_ext.adaptation import count_parameters, evaluate_segmentation, 
 from peft_vision_ext.analysis import collect_gate_statistics, plot_gate_usage
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
 from peft_vision_ext.models import SamForSemanticSegmentation
+from peft_vision_ext.recipe_utils import parse_recipe_args, run_training_args
 
 
 logger = logging.getLogger(__name__)
@@ -133,18 +133,12 @@ QUICK = {
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, PeftArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, peft_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        defaults = ["--output_dir", "outputs/sam_mopeft"] if "--output_dir" not in argv else []
-        model_args, data_args, peft_args, training_args = parser.parse_args_into_dataclasses(defaults + argv)
-    if peft_args.quick:
-        for args in (model_args, data_args, peft_args):
-            for key, value in QUICK.items():
-                if hasattr(args, key):
-                    setattr(args, key, value)
+    parser, (model_args, data_args, peft_args, training_args) = parse_recipe_args(
+        (ModelArguments, DataArguments, PeftArguments, TrainingArguments),
+        argv,
+        default_output_dir="outputs/sam_mopeft",
+        quick=QUICK,
+    )
     unknown = sorted(set(peft_args.methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods got {unknown}; choose from {list(METHODS)}")
@@ -198,18 +192,7 @@ def load_split(domain: str, split: str, count: int, data_args: DataArguments, si
 
 
 def train(model, training_args, dataset, *, learning_rate, epochs, run_name):
-    args = dataclasses.replace(
-        training_args,
-        output_dir=os.path.join(training_args.output_dir, "trainer", run_name),
-        learning_rate=learning_rate,
-        num_train_epochs=epochs,
-        run_name=run_name,
-        label_names=["labels"],
-        remove_unused_columns=False,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-    )
+    args = run_training_args(training_args, run_name=run_name, learning_rate=learning_rate, epochs=epochs)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_segmentation)
     start = time.perf_counter()
     trainer.train()
@@ -266,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "model": dataclasses.asdict(model_args),
         "data": dataclasses.asdict(data_args),
-        "peft": {k: v for k, v in dataclasses.asdict(peft_args).items()},
+        "peft": dataclasses.asdict(peft_args),
         "pretrain_seconds": pretrain_s,
         "source_miou": miou(
             source, load_split(data_args.source_domain, "test", data_args.test_samples, data_args, size, False)

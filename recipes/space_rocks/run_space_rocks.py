@@ -21,14 +21,13 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
 from peft_vision_ext.adaptation import (
@@ -48,6 +47,7 @@ from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_seg
 from peft_vision_ext.hub import update_model_card
 from peft_vision_ext.metrics import make_compute_metrics, preprocess_logits_for_metrics
 from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
+from peft_vision_ext.recipe_utils import parse_recipe_args, run_training_args
 
 
 logger = logging.getLogger(__name__)
@@ -121,18 +121,12 @@ QUICK = {
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, PeftArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, peft_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        defaults = ["--output_dir", "outputs/space_rocks"] if "--output_dir" not in argv else []
-        model_args, data_args, peft_args, training_args = parser.parse_args_into_dataclasses(defaults + argv)
-    if peft_args.quick:
-        for args in (model_args, data_args, peft_args):
-            for key, value in QUICK.items():
-                if hasattr(args, key):
-                    setattr(args, key, value)
+    parser, (model_args, data_args, peft_args, training_args) = parse_recipe_args(
+        (ModelArguments, DataArguments, PeftArguments, TrainingArguments),
+        argv,
+        default_output_dir="outputs/space_rocks",
+        quick=QUICK,
+    )
     unknown = sorted(set(peft_args.methods) - set(ADAPTATION_METHODS))
     if unknown:
         parser.error(f"--methods got {unknown}; choose from {ADAPTATION_METHODS}")
@@ -143,18 +137,7 @@ def parse_args(argv: list[str] | None = None):
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
 def make_trainer(model, training_args, train_dataset, *, learning_rate, epochs, run_name):
-    args = dataclasses.replace(
-        training_args,
-        output_dir=os.path.join(training_args.output_dir, "trainer", run_name),
-        learning_rate=learning_rate,
-        num_train_epochs=epochs,
-        run_name=run_name,
-        label_names=["labels"],
-        remove_unused_columns=False,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-    )
+    args = run_training_args(training_args, run_name=run_name, learning_rate=learning_rate, epochs=epochs)
     return Trainer(
         model=model,
         args=args,
