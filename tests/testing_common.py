@@ -295,7 +295,7 @@ def check_only_adapters_train(case: Case) -> None:
     assert not frozen_changed, f"frozen tensors changed (BN statistics?): {frozen_changed[:5]}"
     # Behind a zero-initialised branch some updates are below fp32 resolution after 3 steps (e.g. BN_a's weight at
     # 1.0), so the check is that every trainable parameter gets a gradient, and that training moved the model.
-    unused = getattr(case.make_base(), "unused_parameter_prefixes", ())  # parts the model's forward never reads
+    unused = getattr(model.get_base_model(), "unused_parameter_prefixes", ())  # parts the model's forward never reads
     no_gradient = sorted(n for n in trainable - got_gradient if not _model_key(n).startswith(tuple(unused)))
     assert not no_gradient, f"trainable parameters got no gradient: {no_gradient[:5]}"
     assert changed & trainable, "training changed no trainable parameter"

@@ -89,16 +89,6 @@ class GateTelemetry:
         return {m: torch.cat([self.values(b, m) for b in self.blocks]).mean().item() for m in self.methods}
 
 
-def _mopeft_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from ..tuners.mopeft.layer import MoPEFTLayer
-
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MoPEFTLayer):
-            layers[name.removeprefix("base_model.model.")] = module
-    return layers
-
-
 @contextlib.contextmanager
 def collect_gate_statistics(model: nn.Module, adapter_name: str | None = None) -> Iterator[GateTelemetry]:
     """Record the gates of every MoPEFT block of ``model`` while the context is open.
@@ -106,7 +96,9 @@ def collect_gate_statistics(model: nn.Module, adapter_name: str | None = None) -
     Gates are recorded in every forward pass (train or eval); use it around inference to get the seed's statistics.
     Constant gates (ungated sub-methods: 1; gates frozen by pruning: their constant) are recorded as well.
     """
-    layers = _mopeft_layers(model)
+    from ..tuners.mopeft.layer import named_mopeft_layers
+
+    layers = named_mopeft_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no MoPEFT layers to record gates from. Pass the model returned by "

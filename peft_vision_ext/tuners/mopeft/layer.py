@@ -377,3 +377,13 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "mopeft." + super().__repr__()
+
+
+def named_mopeft_layers(model: nn.Module) -> dict[str, MoPEFTLayer]:
+    """Every MoPEFT layer of ``model`` (a ``PeftModel`` or the model inside it), by its block name in the base model
+    (the name used in ``target_modules``, ``pruned`` and gate telemetry)."""
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if isinstance(module, MoPEFTLayer)
+    }

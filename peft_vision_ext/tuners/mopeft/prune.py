@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import MoPEFTLayer
+from .layer import MoPEFTLayer, named_mopeft_layers
 
 
 @dataclass
@@ -63,14 +63,6 @@ def _as_inputs(batch: Any) -> Any:
     raise TypeError(
         f"Calibration batches must be tensors of pixel values or dicts with `pixel_values`, got {type(batch).__name__}."
     )
-
-
-def _layers(model: nn.Module) -> dict[str, MoPEFTLayer]:
-    return {
-        name.removeprefix("base_model.model."): module
-        for name, module in model.named_modules()
-        if isinstance(module, MoPEFTLayer)
-    }
 
 
 @torch.no_grad()
@@ -136,7 +128,7 @@ def prune_mopeft(
         raise ValueError(f"`threshold` must be in [0, 1), got {threshold!r}.")
     if freeze_tolerance < 0:
         raise ValueError(f"`freeze_tolerance` must be >= 0, got {freeze_tolerance!r}.")
-    layers = _layers(model)
+    layers = named_mopeft_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoPEFT layers to prune.")
     if not any(adapter_name in layer.mopeft_settings for layer in layers.values()):
@@ -202,7 +194,7 @@ def _peft_config(model: nn.Module, adapter_name: str):
 def merge_mergeable(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Fold every LoRA with a constant scaling into its q/k/v weights; return the unloaded base model if nothing
     else is left, else the (partially merged, still exact) peft model."""
-    layers = _layers(model)
+    layers = named_mopeft_layers(model)
     blockers = [
         r
         for layer in layers.values()
