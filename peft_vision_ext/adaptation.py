@@ -22,6 +22,8 @@ from .tuners.conv_adapter import ConvAdapterConfig, freeze_frozen_batchnorm
 
 
 ADAPTATION_METHODS = ("full", "decoder", "conv_adapter", "bn_adapter")
+# Seed 002's comparison on SAM: two baselines without training/with the decoder only, the MoPEFT presets, full FT.
+SAM_ADAPTATION_METHODS = ("zero_shot", "decoder", "lora", "vpt", "vpt_deep", "adapter", "mopeft", "full")
 
 
 def prepare_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) -> nn.Module:
@@ -48,6 +50,32 @@ def prepare_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) 
         return model
     adapter_type = "conv" if method == "conv_adapter" else "bn"
     return get_peft_model(model, ConvAdapterConfig(adapter_type=adapter_type, **config_kwargs))
+
+
+def prepare_sam_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) -> nn.Module:
+    """Return a ``SamForSemanticSegmentation`` set up for one of :data:`SAM_ADAPTATION_METHODS`.
+
+    - ``"zero_shot"``: nothing trains (evaluate the source model as it is).
+    - ``"decoder"``: only the mask decoder trains.
+    - ``"full"``: every parameter trains.
+    - ``"lora"``, ``"vpt"``, ``"vpt_deep"``, ``"adapter"``, ``"mopeft"``: ``get_peft_model`` with
+      ``MoPEFTConfig.from_preset(method, **config_kwargs)`` (the mask decoder trains as ``modules_to_save``).
+    """
+    from .tuners.mopeft import MoPEFTConfig
+
+    if method not in SAM_ADAPTATION_METHODS:
+        raise ValueError(f"`method` must be one of {SAM_ADAPTATION_METHODS}, got {method!r}.")
+    if method in ("zero_shot", "full"):
+        if config_kwargs:
+            raise ValueError(f"Method {method!r} takes no PEFT settings, got {config_kwargs}.")
+        return model.requires_grad_(method == "full")
+    if method == "decoder":
+        if config_kwargs:
+            raise ValueError(f"Method 'decoder' takes no PEFT settings, got {config_kwargs}.")
+        model.requires_grad_(False)
+        model.mask_decoder.requires_grad_(True)
+        return model
+    return get_peft_model(model, MoPEFTConfig.from_preset(method, **config_kwargs))
 
 
 def set_fold_in_eval(model: nn.Module, enabled: bool, cache: bool | None = None) -> None:

@@ -332,3 +332,41 @@ def test_prune_bad_input():
         prune_mopeft(model, [torch.randn(1, 3, 64, 64)], adapter_name="nope")
     with pytest.raises(TypeError, match="Calibration batches must be"):
         prune_mopeft(model, ["not a batch"])
+
+
+def test_presets_are_the_seed_baselines_and_refuse_clashes():
+    assert MoPEFTConfig.from_preset("mopeft").sub_methods == ("lora", "prefix", "adapter")
+    vpt = MoPEFTConfig.from_preset("vpt", prefix_length=5)
+    assert vpt.sub_methods == ("prefix",) and vpt.prefix_depth == "shallow" and not vpt.gating
+    assert vpt.prefix_length == 5
+    assert MoPEFTConfig.from_preset("lora").sub_methods == ("lora",)
+    with pytest.raises(ValueError, match="Unknown MoPEFT preset 'lora_plus'"):
+        MoPEFTConfig.from_preset("lora_plus")
+    with pytest.raises(ValueError, match=r"Preset 'lora' fixes \['gating'\]"):
+        MoPEFTConfig.from_preset("lora", gating=True)
+
+
+def test_prepare_sam_for_adaptation_methods_and_bad_input():
+    from peft_vision_ext.adaptation import prepare_sam_for_adaptation
+
+    decoder = prepare_sam_for_adaptation(make_sam(), "decoder")
+    trainable = {n.split(".")[0] for n, p in decoder.named_parameters() if p.requires_grad}
+    assert trainable == {"mask_decoder"}
+    assert not any(p.requires_grad for p in prepare_sam_for_adaptation(make_sam(), "zero_shot").parameters())
+    vpt = prepare_sam_for_adaptation(make_sam(), "vpt_deep", prefix_length=3)
+    assert vpt.peft_config["default"].prefix_length == 3
+    with pytest.raises(ValueError, match="`method` must be one of .* got 'prompt'"):
+        prepare_sam_for_adaptation(make_sam(), "prompt")
+    with pytest.raises(ValueError, match="Method 'full' takes no PEFT settings"):
+        prepare_sam_for_adaptation(make_sam(), "full", r=4)
+
+
+def test_small_sam_config_bad_input():
+    from peft_vision_ext.models import small_sam_config
+
+    config = small_sam_config(num_labels=3, image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2)
+    assert config.num_labels == 3 and config.vision_config.window_size == 5
+    with pytest.raises(ValueError, match=r"`image_size` \(30\) must be a multiple of `patch_size` \(8\)"):
+        small_sam_config(num_labels=3, image_size=30)
+    with pytest.raises(ValueError, match="`decoder_hidden_size` must be even"):
+        small_sam_config(num_labels=3, decoder_hidden_size=15)

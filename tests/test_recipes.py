@@ -1,5 +1,5 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""The space-rocks recipe end to end (quick settings), and its accelerate twin under two CPU processes."""
+"""The recipes end to end (quick settings), and their accelerate twins under two CPU processes."""
 
 from __future__ import annotations
 
@@ -47,42 +47,52 @@ def test_space_rocks_quick(tmp_path):
     assert "balanced_accuracy" in card and "model-index" in card
 
 
-def test_accelerate_twin_two_cpu_processes(tmp_path):
+def _run_twin_on_two_cpu_processes(script: str, output_dir, port: int, *extra: str) -> tuple[dict, dict]:
+    """Run an accelerate twin under torchrun with two CPU (gloo) processes; check that DDP kept the trainable
+    tensors of both ranks identical and that the saved adapter loads back to exactly those tensors."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [
-        torchrun,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        os.path.join(RECIPE, "run_space_rocks_no_trainer.py"),
-        "--cpu",
-        "--quick",
-        "--encoder_name",
-        "test_resnet",
-        "--output_dir",
-        str(tmp_path),
-        "--dump_rank_state",
-    ]
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), script, "--cpu", "--quick"]
+    command += ["--output_dir", str(output_dir), "--dump_rank_state", *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "MULTI_CPU" in result.stderr + result.stdout
-    rank0 = load_file(tmp_path / "rank0.safetensors")
-    rank1 = load_file(tmp_path / "rank1.safetensors")
+    rank0 = load_file(output_dir / "rank0.safetensors")
+    rank1 = load_file(output_dir / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and rank0
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((output_dir / "results.json").read_text())
     assert results["num_processes"] == 2
+    return rank0, results
 
+
+def _assert_loads_back(base, adapter_dir, rank_state) -> None:
+    loaded = PeftModel.from_pretrained(base, adapter_dir)
+    loaded_state = get_peft_model_state_dict(loaded)
+    assert loaded_state.keys() == rank_state.keys()
+    assert all(torch.equal(loaded_state[key], rank_state[key]) for key in rank_state)
+
+
+def test_accelerate_twin_two_cpu_processes(tmp_path):
+    script = os.path.join(RECIPE, "run_space_rocks_no_trainer.py")
+    rank0, _ = _run_twin_on_two_cpu_processes(script, tmp_path, 29517, "--encoder_name", "test_resnet")
     from peft_vision_ext.models import UNetForSemanticSegmentation
 
     base = UNetForSemanticSegmentation.from_pretrained(tmp_path / "source_model")
-    loaded = PeftModel.from_pretrained(base, tmp_path / "conv_adapter")
-    loaded_state = get_peft_model_state_dict(loaded)
-    assert loaded_state.keys() == rank0.keys()
-    assert all(torch.equal(loaded_state[key], rank0[key]) for key in rank0)
+    _assert_loads_back(base, tmp_path / "conv_adapter", rank0)
+
+
+def test_sam_mopeft_accelerate_twin_two_cpu_processes(tmp_path):
+    script = os.path.join(ROOT, "recipes", "sam_mopeft", "run_sam_mopeft_no_trainer.py")
+    rank0, results = _run_twin_on_two_cpu_processes(script, tmp_path, 29518, "--method", "mopeft")
+    assert 0.0 <= results["mean_iou"] <= 1.0
+    assert set(results["gates_mean_this_process"]) == {"lora", "prefix", "adapter"}
+    assert any(".mopeft_" in key for key in rank0) and any("mask_decoder" in key for key in rank0)
+    from peft_vision_ext.models import SamForSemanticSegmentation
+
+    base = SamForSemanticSegmentation.from_pretrained(tmp_path / "source_model")
+    _assert_loads_back(base, tmp_path / "mopeft", rank0)
 
 
 def test_sam_mopeft_quick(tmp_path):
@@ -117,3 +127,7 @@ def test_sam_mopeft_quick(tmp_path):
     shares = results["trainable_percent"]
     assert shares["zero_shot"] == 0 and shares["full"] == 100
     assert shares["lora"] < shares["mopeft"] < shares["full"]
+    encoder = results["encoder_trainable_percent"]
+    assert encoder["zero_shot"] == encoder["decoder"] == 0 and encoder["full"] == 100
+    assert 0 < encoder["vpt"] < encoder["vpt_deep"] < encoder["mopeft"] < 100
+    assert "trainable % (encoder)" in table

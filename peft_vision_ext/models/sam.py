@@ -209,3 +209,60 @@ class SamForSemanticSegmentation(SamPreTrainedModel):
 
 
 __all__ = ["SamForSemanticSegmentation"]
+
+
+def small_sam_config(
+    *,
+    num_labels: int,
+    id2label: dict[int, str] | None = None,
+    image_size: int = 96,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    window_size: int = 5,
+    global_attn_indexes: list[int] | tuple[int, ...] = (1, 3),
+    decoder_hidden_size: int = 32,
+) -> SamConfig:
+    """A ``SamConfig`` with SAM's architecture, narrow and shallow, for pretraining a source model on the CPU.
+
+    SAM's own init (std 1e-10) is meant for loading checkpoints; this config trains from scratch with std 0.02.
+    ``image_size // patch_size`` tokens per side; windows that do not divide it are padded, as in SAM.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"`image_size` ({image_size}) must be a multiple of `patch_size` ({patch_size}).")
+    if decoder_hidden_size % 2:
+        raise ValueError(f"`decoder_hidden_size` must be even (sine features), got {decoder_hidden_size}.")
+    id2label = dict(id2label) if id2label is not None else {i: f"class_{i}" for i in range(num_labels)}
+    return SamConfig(
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        initializer_range=0.02,
+        vision_config=dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            mlp_dim=4 * hidden_size,
+            image_size=image_size,
+            patch_size=patch_size,
+            window_size=window_size,
+            global_attn_indexes=list(global_attn_indexes),
+            output_channels=decoder_hidden_size,
+            num_pos_feats=decoder_hidden_size // 2,
+            initializer_range=0.02,
+        ),
+        prompt_encoder_config=dict(
+            hidden_size=decoder_hidden_size,
+            image_size=image_size,
+            image_embedding_size=image_size // patch_size,
+            mask_input_channels=8,
+        ),
+        mask_decoder_config=dict(
+            hidden_size=decoder_hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_dim=2 * decoder_hidden_size,
+            iou_head_hidden_dim=decoder_hidden_size,
+        ),
+    )

@@ -14,25 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from peft import PeftModel
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
 from peft_vision_ext.adaptation import ADAPTATION_METHODS, count_parameters, prepare_for_adaptation
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
-from peft_vision_ext.metrics import ConfusionMatrix, metrics_from_confusion
 from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
+from peft_vision_ext.recipe_utils import accelerate_evaluate_segmentation, accelerate_train, save_rank_state
 
 
 logger = get_logger(__name__)
@@ -75,44 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train(accelerator, model, dataset, *, epochs, learning_rate, batch_size, desc):
-    """A plain training loop with gradient accumulation; returns the prepared model and the last loss."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_segmentation)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    steps = epochs * math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    progress = tqdm(total=epochs * len(loader), desc=desc, disable=not accelerator.is_local_main_process)
-    loss_value = float("nan")
-    model.train()
-    for _ in range(epochs):
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            progress.set_postfix(loss=f"{loss_value:.3f}")
-            progress.update(1)
-    progress.close()
-    return model, loss_value
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, dataset, batch_size) -> dict:
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_segmentation))
-    model.eval()
-    confusion = ConfusionMatrix(len(ROCK_LABELS))
-    for batch in loader:
-        predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=1)
-        # gather_for_metrics drops the samples duplicated to even out the last batch across processes.
-        predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        confusion.update(predictions.cpu(), labels.cpu())
-    return metrics_from_confusion(confusion.compute(), id2label=ROCK_LABELS)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.cpu)
@@ -135,10 +89,11 @@ def main(argv=None) -> dict:
             id2label=ROCK_LABELS,
             label2id={v: k for k, v in ROCK_LABELS.items()},
         )
-        model, _ = train(
+        model, _ = accelerate_train(
             accelerator,
             UNetForSemanticSegmentation(config),
             split("source", "train", args.source_train_samples, True),
+            collate_fn=collate_segmentation,
             epochs=args.pretrain_epochs,
             learning_rate=args.pretrain_learning_rate,
             batch_size=args.per_device_train_batch_size,
@@ -155,33 +110,28 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     model = prepare_for_adaptation(UNetForSemanticSegmentation.from_pretrained(source_dir), args.method)
     trainable, total = count_parameters(model)
-    model, last_loss = train(
+    model, last_loss = accelerate_train(
         accelerator,
         model,
         split(args.target_domain, "train", args.target_train_samples, True),
+        collate_fn=collate_segmentation,
         epochs=args.adapt_epochs,
         learning_rate=args.learning_rate,
         batch_size=args.per_device_train_batch_size,
         desc=f"adapt ({args.method}, {args.target_domain})",
     )
-    metrics = evaluate(
+    metrics = accelerate_evaluate_segmentation(
         accelerator,
         model,
         split(args.target_domain, "test", args.test_samples, False),
-        args.per_device_eval_batch_size,
+        collate_fn=collate_segmentation,
+        batch_size=args.per_device_eval_batch_size,
+        id2label=ROCK_LABELS,
     )
 
     unwrapped = accelerator.unwrap_model(model)
     if args.dump_rank_state:
-        state = (
-            get_peft_model_state_dict(unwrapped)
-            if isinstance(unwrapped, PeftModel)
-            else {k: v for k, v in unwrapped.state_dict().items()}
-        )
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()},
-            os.path.join(args.output_dir, f"rank{accelerator.process_index}.safetensors"),
-        )
+        save_rank_state(accelerator, model, args.output_dir)
     accelerator.wait_for_everyone()
     method_dir = os.path.join(args.output_dir, args.method)
     unwrapped.save_pretrained(method_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)

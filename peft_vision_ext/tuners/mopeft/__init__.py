@@ -1,7 +1,7 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 from ..._registry import register_method
 from .blocks import SUPPORTED_BLOCKS, SamBlock, ViTBlock, block_family
-from .config import MOPEFT, SUB_METHODS, MoPEFTConfig
+from .config import MOPEFT, MOPEFT_PRESETS, SUB_METHODS, MoPEFTConfig
 from .layer import MoPEFTLayer
 from .model import MoPEFTModel, find_blocks
 from .prune import PruneReport, merge_mergeable, prune_mopeft
@@ -9,6 +9,7 @@ from .prune import PruneReport, merge_mergeable, prune_mopeft
 
 __all__ = [
     "MOPEFT",
+    "MOPEFT_PRESETS",
     "SUB_METHODS",
     "SUPPORTED_BLOCKS",
     "MoPEFTConfig",

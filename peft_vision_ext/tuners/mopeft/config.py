@@ -14,6 +14,14 @@ MOPEFT = peft_type_for("mopeft")
 SUB_METHODS = ("lora", "prefix", "adapter")
 LORA_TARGETS = ("q", "k", "v")
 PREFIX_DEPTHS = ("deep", "shallow")
+# The seed's Table 4.4 columns as settings of one config: `MoPEFTConfig.from_preset(name, **overrides)`.
+MOPEFT_PRESETS: dict[str, dict] = {
+    "lora": {"use_prefix": False, "use_adapter": False, "gating": False},
+    "vpt": {"use_lora": False, "use_adapter": False, "gating": False, "prefix_depth": "shallow"},
+    "vpt_deep": {"use_lora": False, "use_adapter": False, "gating": False},
+    "adapter": {"use_lora": False, "use_prefix": False, "gating": False},
+    "mopeft": {},
+}
 
 
 @dataclass
@@ -170,6 +178,19 @@ class MoPEFTConfig(CheckedLoadingMixin, PeftConfig):
                         f"`frozen_gates[{block!r}]` must map sub-methods {list(SUB_METHODS)} to values in [0, 1], "
                         f"got {method!r}: {value!r}."
                     )
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> MoPEFTConfig:
+        """One of the seed's baselines as a config: ``"lora"``, ``"vpt"`` (shallow prefixes), ``"vpt_deep"``,
+        ``"adapter"`` (each ungated) or ``"mopeft"`` (all three, gated). ``overrides`` set any other field."""
+        if preset not in MOPEFT_PRESETS:
+            raise ValueError(f"Unknown MoPEFT preset {preset!r}; choose from {list(MOPEFT_PRESETS)}.")
+        clash = sorted(set(MOPEFT_PRESETS[preset]) & set(overrides))
+        if clash:
+            raise ValueError(
+                f"Preset {preset!r} fixes {clash}; build `MoPEFTConfig(...)` directly to change them, got {overrides}."
+            )
+        return cls(**MOPEFT_PRESETS[preset], **overrides)
 
     @property
     def sub_methods(self) -> tuple[str, ...]:

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+# Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
+"""The accelerate twin of ``run_sam_mopeft.py``: one SAM adaptation run with a plain loop, for ``accelerate launch``.
+
+It pretrains the small source SAM (or loads ``--source_model``), adapts it to one target domain with one method
+(MoPEFT or one of its baselines), evaluates with ``gather_for_metrics``, writes MoPEFT's gate statistics, and saves
+the adapter (``save_pretrained``) from the main process.
+
+    accelerate launch recipes/sam_mopeft/run_sam_mopeft_no_trainer.py --method mopeft --output_dir out/sam_ddp
+    torchrun --nproc_per_node 2 recipes/sam_mopeft/run_sam_mopeft_no_trainer.py --cpu --quick --output_dir out/sam_ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+import peft_vision_ext  # noqa: F401  (registers the methods with peft)
+from peft_vision_ext.adaptation import SAM_ADAPTATION_METHODS, count_parameters, prepare_sam_for_adaptation
+from peft_vision_ext.analysis import collect_gate_statistics
+from peft_vision_ext.data import (
+    ROCK_DOMAINS,
+    ROCK_LABELS,
+    SegmentationTransform,
+    collate_segmentation,
+    load_rock_dataset,
+)
+from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
+from peft_vision_ext.recipe_utils import accelerate_evaluate_segmentation, accelerate_train, save_rank_state
+
+
+logger = get_logger(__name__)
+PEFT_METHODS = ("lora", "vpt", "vpt_deep", "adapter", "mopeft")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--source_model", help="directory of a pretrained source SamForSemanticSegmentation")
+    parser.add_argument("--method", default="mopeft", choices=SAM_ADAPTATION_METHODS)
+    parser.add_argument("--target_domain", default="mars", choices=sorted(ROCK_DOMAINS))
+    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--patch_size", type=int, default=8)
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_hidden_layers", type=int, default=4)
+    parser.add_argument("--num_attention_heads", type=int, default=4)
+    parser.add_argument("--window_size", type=int, default=5)
+    parser.add_argument("--global_attn_indexes", type=int, nargs="*", default=[1, 3])
+    parser.add_argument("--decoder_hidden_size", type=int, default=32)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--prefix_length", type=int, default=20)
+    parser.add_argument("--adapter_dim", type=int, default=16)
+    parser.add_argument("--source_train_samples", type=int, default=480)
+    parser.add_argument("--target_train_samples", type=int, default=64)
+    parser.add_argument("--test_samples", type=int, default=64)
+    parser.add_argument("--pretrain_epochs", type=int, default=12)
+    parser.add_argument("--adapt_epochs", type=int, default=10)
+    parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--learning_rate", type=float, default=None, help="default: 3e-3 PEFT, 1e-3 decoder, 5e-4 full"
+    )
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="run on CPU; with torchrun this uses the gloo backend (ACCELERATE_USE_CPU=1)",
+    )
+    parser.add_argument(
+        "--dump_rank_state", action="store_true", help="each rank writes its trainable tensors (checks DDP sync)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.image_size, args.hidden_size, args.num_hidden_layers, args.window_size = 64, 32, 2, 3
+        args.global_attn_indexes, args.decoder_hidden_size, args.prefix_length = [1], 16, 4
+        args.source_train_samples, args.target_train_samples, args.test_samples = 16, 8, 8
+        args.pretrain_epochs, args.adapt_epochs, args.per_device_train_batch_size = 1, 2, 2
+    if args.learning_rate is None:
+        args.learning_rate = {"decoder": 1e-3, "full": 5e-4}.get(args.method, 3e-3)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # SAM's prompt-point embeddings, IoU head and the first hypernetwork MLP get no gradient in semantic segmentation
+    # (the model lists them in `unused_parameter_prefixes`): DDP must be told, as Trainer does by default.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=args.cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    def split(domain, name, count, augment):
+        dataset = load_rock_dataset(domain, name, count, image_size=args.image_size, seed=0)
+        return dataset.with_transform(SegmentationTransform(augment=augment, seed=args.seed))
+
+    # --- source model -----------------------------------------------------------------------------------------------
+    source_dir = args.source_model or os.path.join(args.output_dir, "source_model")
+    if args.source_model is None:
+        config = small_sam_config(
+            num_labels=len(ROCK_LABELS),
+            id2label=ROCK_LABELS,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_hidden_layers,
+            num_attention_heads=args.num_attention_heads,
+            window_size=args.window_size,
+            global_attn_indexes=args.global_attn_indexes,
+            decoder_hidden_size=args.decoder_hidden_size,
+        )
+        model, _ = accelerate_train(
+            accelerator,
+            SamForSemanticSegmentation(config),
+            split("source", "train", args.source_train_samples, True),
+            collate_fn=collate_segmentation,
+            epochs=args.pretrain_epochs,
+            learning_rate=args.pretrain_learning_rate,
+            batch_size=args.per_device_train_batch_size,
+            desc="pretrain (source)",
+            scheduler="cosine",
+        )
+        accelerator.wait_for_everyone()
+        accelerator.unwrap_model(model).save_pretrained(
+            source_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        )
+        accelerator.wait_for_everyone()
+        accelerator.free_memory()
+
+    # --- adaptation -------------------------------------------------------------------------------------------------
+    set_seed(args.seed)
+    source = SamForSemanticSegmentation.from_pretrained(source_dir)
+    settings = {"r": args.r, "prefix_length": args.prefix_length, "adapter_dim": args.adapter_dim}
+    model = prepare_sam_for_adaptation(source, args.method, **(settings if args.method in PEFT_METHODS else {}))
+    trainable, total = count_parameters(model)
+    last_loss = float("nan")
+    if args.method != "zero_shot":
+        model, last_loss = accelerate_train(
+            accelerator,
+            model,
+            split(args.target_domain, "train", args.target_train_samples, True),
+            collate_fn=collate_segmentation,
+            epochs=args.adapt_epochs,
+            learning_rate=args.learning_rate,
+            batch_size=args.per_device_train_batch_size,
+            desc=f"adapt ({args.method}, {args.target_domain})",
+            scheduler="cosine",
+        )
+    test = split(args.target_domain, "test", args.test_samples, False)
+    with (
+        collect_gate_statistics(accelerator.unwrap_model(model))
+        if args.method == "mopeft"
+        else contextlib.nullcontext() as gates
+    ):
+        metrics = accelerate_evaluate_segmentation(
+            accelerator,
+            model,
+            test,
+            collate_fn=collate_segmentation,
+            batch_size=args.per_device_eval_batch_size,
+            id2label=ROCK_LABELS,
+        )
+
+    if args.dump_rank_state:
+        save_rank_state(accelerator, model, args.output_dir)
+    accelerator.wait_for_everyone()
+    method_dir = os.path.join(args.output_dir, args.method)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(method_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    results = {
+        "method": args.method,
+        "target_domain": args.target_domain,
+        "num_processes": accelerator.num_processes,
+        "trainable_params": trainable,
+        "total_params": total,
+        "last_loss": last_loss,
+        "mean_iou": metrics["mean_iou"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+    }
+    if gates is not None:
+        # Each process records the gates of its own share of the test set.
+        results["gates_mean_this_process"] = gates.mean_by_method()
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+        logger.info("results: %s", results)
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
