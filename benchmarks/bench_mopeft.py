@@ -4,9 +4,9 @@
 and peak memory relative to full fine-tuning, inference time relative to the base model, and our LoRA against stock
 peft LoRA on the same ``qkv`` layers.
 
-All variants are timed side by side in one process, interleaved round-robin (so drifts of the machine hit every
-variant alike); each figure is the median over ``--repeats`` rounds of the process CPU time (all threads) and wall
-time. Memory is the peak of tensor storages alive at once (CPU: counted by a dispatch mode; CUDA: the allocator).
+All variants are timed side by side in one process, interleaved round-robin with the order rotated every round (so
+drifts of the machine hit every variant alike); each figure is the median over ``--repeats`` rounds of the process
+CPU time (all threads) and wall time. Memory is the peak of tensor storages alive at once (CPU: counted by a dispatch mode; CUDA: the allocator).
 
     python benchmarks/bench_mopeft.py --size 256 --output benchmarks/results/mopeft_cpu.json
     python benchmarks/bench_mopeft.py --size 1024 --device cuda --output benchmarks/results/mopeft_cuda.json
@@ -35,7 +35,8 @@ from bench_conv_adapter import measure_memory  # noqa: E402
 
 import peft_vision_ext  # noqa: E402,F401
 from peft_vision_ext import MoPEFTConfig  # noqa: E402
-from peft_vision_ext.models import SamForSemanticSegmentation  # noqa: E402
+from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config  # noqa: E402
+from peft_vision_ext.tuners.mopeft.layer import named_mopeft_layers  # noqa: E402
 
 
 METHODS = {
@@ -47,13 +48,17 @@ METHODS = {
 }
 
 
-def build_base(size: int, attn: str) -> SamForSemanticSegmentation:
+def build_base(size: int, attn: str, quick: bool = False) -> SamForSemanticSegmentation:
     from transformers import SamConfig
 
-    config = SamConfig(num_labels=3)  # SAM ViT-B: width 768, 12 blocks, window 14, global blocks 2/5/8/11
+    if quick:  # a small SAM for the smoke test: checks the script, not the figures
+        config = small_sam_config(num_labels=3, image_size=size, hidden_size=32, num_hidden_layers=2, window_size=3)
+        config.vision_config.global_attn_indexes = [1]
+    else:
+        config = SamConfig(num_labels=3)  # SAM ViT-B: width 768, 12 blocks, window 14, global blocks 2/5/8/11
     config.vision_config.image_size = size
     config.prompt_encoder_config.image_size = size
-    config.prompt_encoder_config.image_embedding_size = size // 16
+    config.prompt_encoder_config.image_embedding_size = size // config.vision_config.patch_size
     config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
     torch.manual_seed(0)
@@ -80,8 +85,12 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
             call()
     cpu: dict[str, list[float]] = {k: [] for k in calls}
     wall: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    names = list(calls)
+    for round_index in range(repeats):
+        # Rotate the order every round, so that no variant always runs first (or right after the same neighbour).
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            call = calls[name]
             c0, w0 = time.process_time(), time.perf_counter()
             call()
             w1, c1 = time.perf_counter(), time.process_time()
@@ -121,24 +130,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--quick", action="store_true", help="a small SAM instead of ViT-B (smoke test)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    base = build_base(args.size, args.attn).to(device)
+    base = build_base(args.size, args.attn, args.quick).to(device)
     total = sum(p.numel() for p in base.parameters())
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
     labels = torch.randint(0, 3, (args.batch_size, args.size, args.size), device=device)
 
     models = {name: peft_variant(base, name).to(device).eval() for name in METHODS}
-    # Pruned + merged MoPEFT: after training, gates that barely vary are frozen and LoRA folds into qkv; what is left
-    # is what prune_mopeft could not remove. Here: all gates frozen (random init gives input-independent gates),
-    # LoRA merged, prefixes and adapters kept (the worst case: nothing pruned).
-    frozen = peft_variant(base, "mopeft")
+    # Pruned + merged MoPEFT. After training, prune_mopeft drops sub-modules whose gates stay closed on a calibration
+    # set, freezes near-constant gates and LoRA folds into qkv; what is left is what pruning could not remove.
     calibration = [torch.randn(1, 3, args.size, args.size, device=device)]
-    peft_vision_ext.prune_mopeft(frozen, calibration, threshold=0.0, freeze_gates=True, freeze_tolerance=1.0)
+    # (a) Worst case, nothing pruned: all gates frozen (random init gives input-independent gates), LoRA merged,
+    #     prefixes and adapters still running.
+    frozen = peft_variant(base, "mopeft")
+    report = peft_vision_ext.prune_mopeft(frozen, calibration, threshold=0.0, freeze_gates=True, freeze_tolerance=1.0)
     models["mopeft_frozen_gates_lora_merged"] = peft_vision_ext.merge_mergeable(frozen).eval()
-    # Pruned to LoRA only (prefix and adapter gates closed everywhere), then merged: the base model again.
-    lora_only = peft_vision_ext.merge_mergeable(peft_variant(base, "lora").eval())
-    models["lora_merged"] = lora_only.eval()
+    # (b) The case pruning is for: the prefix and adapter gates closed in training (here: their gate biases set to
+    #     -12, sigmoid = 6e-6, as a trained model whose domain needs only LoRA would have them). prune_mopeft measures
+    #     the gates on the calibration image, drops prefix and adapter, freezes G_L; LoRA then merges.
+    closed = peft_variant(base, "mopeft")
+    for layer in named_mopeft_layers(closed).values():
+        gated = layer.mopeft_settings["default"]["gated"]
+        with torch.no_grad():
+            for method in ("prefix", "adapter"):
+                layer.mopeft_gate_out["default"].bias[gated.index(method)] = -12.0
+    closed_report = peft_vision_ext.prune_mopeft(
+        closed, calibration, threshold=0.05, freeze_gates=True, freeze_tolerance=0.1
+    )
+    models["mopeft_pruned_to_lora_merged"] = peft_vision_ext.merge_mergeable(closed).eval()
+    # (c) LoRA-only trained with gating=False, merged: the base model again.
+    models["lora_merged"] = peft_vision_ext.merge_mergeable(peft_variant(base, "lora").eval()).eval()
     models["stock_peft_lora_qkv"] = stock_lora(base).to(device).eval()
 
     result: dict = {
@@ -146,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "architecture": "small SAM (--quick)" if args.quick else "SAM ViT-B",
         "size": args.size,
         "batch_size": args.batch_size,
         "attn": args.attn,
@@ -155,6 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
             name: trainable_share(get_peft_model(copy.deepcopy(base), MoPEFTConfig(**METHODS[name])), total)
             for name in METHODS
         },
+    }
+    result["prune_reports"] = {
+        name: {**rep.to_dict(), "fully_merged": type(models[name]) is SamForSemanticSegmentation}
+        for name, rep in (
+            ("mopeft_frozen_gates_lora_merged", report),
+            ("mopeft_pruned_to_lora_merged", closed_report),
+        )
     }
     result["trainable_percent"]["stock_peft_lora_qkv"] = trainable_share(models["stock_peft_lora_qkv"], total)
 

@@ -95,3 +95,28 @@ def test_quick_benchmark_fusion_is_exact(quick_results: dict) -> None:
     tolerance = 1e-4 * max(1.0, inference["max_abs_logit"])
     assert inference["max_abs_diff_fused_vs_branch"] <= tolerance
     assert inference["max_abs_diff_fast_vs_branch"] <= tolerance
+
+
+def test_mopeft_benchmark_quick_runs_and_prunes_to_a_merged_model(tmp_path) -> None:
+    """``benchmarks/bench_mopeft.py --quick`` (a small SAM instead of ViT-B): the script runs, reports every variant,
+    and the closed-gates scenario really prunes prefix and adapter everywhere and merges back to the plain model."""
+    output = tmp_path / "mopeft.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_mopeft.py"), "--quick", "--size", "64"]
+    command += ["--repeats", "1", "--output", str(output)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(output.read_text())
+    assert result["architecture"] == "small SAM (--quick)"
+    methods = ("lora", "vpt", "vpt_deep", "adapter", "mopeft")
+    shares = result["trainable_percent"]
+    assert all(0 < shares[m] < 100 for m in methods)
+    assert shares["vpt"] < shares["vpt_deep"] and shares["lora"] < shares["mopeft"]
+    assert set(result["inference"]) >= {"base", *methods, "stock_peft_lora_qkv", "mopeft_pruned_to_lora_merged"}
+    assert all(entry["cpu_s"] > 0 for entry in result["inference"].values())
+    assert set(result["training"]) >= {"full_ft", "decoder_ft", *methods, "stock_peft_lora_qkv"}
+    closed = result["prune_reports"]["mopeft_pruned_to_lora_merged"]
+    assert closed["fully_merged"] is True
+    assert all(sorted(dropped) == ["adapter", "prefix"] for dropped in closed["pruned"].values())
+    assert closed["max_rel_change"] < 1e-3  # closed gates: dropping them changes (almost) nothing
+    worst = result["prune_reports"]["mopeft_frozen_gates_lora_merged"]
+    assert worst["fully_merged"] is False and not worst["pruned"]

@@ -108,13 +108,7 @@ class SamBlock:
         repeats = n // batch_size  # windows per image: per-image gates are repeated over them
         heads = attn.num_attention_heads
 
-        qkv = attn.qkv(windows)  # (n, h, w, 3C)
-        deltas = layer.lora_deltas(windows, plan, repeats)
-        if deltas:
-            qkv = qkv.unflatten(-1, (3, channels))
-            for target, delta in deltas.items():
-                qkv = qkv.index_add(-2, torch.tensor(["qkv".index(target)], device=qkv.device), delta.unsqueeze(-2))
-            qkv = qkv.flatten(-2)
+        qkv = layer.add_lora_to_fused(attn.qkv(windows), windows, plan, repeats)  # (n, h, w, 3C)
         qkv = qkv.reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.reshape(3, n * heads, h * w, -1).unbind(0)  # (n*heads, N, hd)
 

@@ -227,26 +227,59 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
             gate = gate.repeat_interleave(repeats)  # windows of one image are consecutive rows
         return gate.view(-1, *([1] * (ndim - 1)))
 
-    def lora_deltas(self, x: torch.Tensor, plan: dict, repeats: int) -> dict[str, torch.Tensor]:
-        """LoRA updates of the projections: ``{"q": (..., C), "v": (..., C)}`` for ``x`` of shape ``(rows, ..., C)``."""
-        deltas: dict[str, torch.Tensor] = {}
+    def _lora_inputs(self, x: torch.Tensor, plan: dict, repeats: int):
+        """For each active adapter with a live LoRA: ``(settings, low, B)``, where ``low = A x`` already carries the
+        scaling ``lora_alpha / r * G_L`` (gating the rank-r activation is cheaper than gating the update), shape
+        ``(rows, ..., targets * r)``, and ``B`` is ``(targets, C, r)``."""
         for name, gates in plan.items():
             if "lora" not in gates or not self._live(name, "lora"):
                 continue
             settings = self.mopeft_settings[name]
             a = self.mopeft_lora_A[name]
-            b = self.mopeft_lora_B[name]  # (targets, C, r)
             inputs = x.to(a.weight.dtype)
             if settings["lora_dropout"] > 0:
                 inputs = F.dropout(inputs, p=settings["lora_dropout"], training=self.training)
-            low = a(inputs).unflatten(-1, (b.shape[0], b.shape[2]))  # (..., targets, r)
-            update = torch.einsum("...tr,tcr->...tc", low, b)  # (..., targets, C)
-            scale = self._per_row(gates["lora"], repeats, update.ndim)  # float, or (rows, 1, ..., 1)
-            update = update * (settings["scaling"] * scale)
+            low = a(inputs)
+            gate = self._per_row(gates["lora"], repeats, low.ndim)  # float, or (rows, 1, ..., 1)
+            yield settings, low * (settings["scaling"] * gate), self.mopeft_lora_B[name]
+
+    def lora_deltas(self, x: torch.Tensor, plan: dict, repeats: int) -> dict[str, torch.Tensor]:
+        """LoRA updates of separate projections: ``{"q": (..., C), "v": (..., C)}`` for ``x`` of shape
+        ``(rows, ..., C)``."""
+        deltas: dict[str, torch.Tensor] = {}
+        for settings, low, b in self._lora_inputs(x, plan, repeats):
+            r = b.shape[2]
             for index, target in enumerate(settings["lora_targets"]):
-                delta = update[..., index, :].to(x.dtype)
+                delta = F.linear(low[..., index * r : (index + 1) * r], b[index]).to(x.dtype)
                 deltas[target] = deltas[target] + delta if target in deltas else delta
         return deltas
+
+    def add_lora_to_fused(
+        self, fused: torch.Tensor, x: torch.Tensor, plan: dict, repeats: int, order: str = "qkv"
+    ) -> torch.Tensor:
+        """``fused`` (the output of a fused projection such as SAM's ``qkv``, ``(rows, ..., len(order) * C)``) plus
+        the LoRA updates of its ``order`` slices, added with one ``addmm`` per adapter (no per-slice copies)."""
+        out_features = fused.shape[-1]
+        width = out_features // len(order)
+        for settings, low, b in self._lora_inputs(x, plan, repeats):
+            r = b.shape[2]
+            zeros = b.new_zeros(width, r)
+            # (len(order) * C, targets * r): B of target t in the rows of its slice and the columns of its rank block.
+            b_full = torch.cat(
+                [
+                    torch.cat(
+                        [b[i] if target == part else zeros for i, target in enumerate(settings["lora_targets"])], 1
+                    )
+                    for part in order
+                ]
+            )
+            flat = torch.addmm(
+                fused.reshape(-1, out_features),
+                low.reshape(-1, low.shape[-1]).to(fused.dtype),
+                b_full.t().to(fused.dtype),
+            )
+            fused = flat.view_as(fused)
+        return fused
 
     def prefix_key_values(
         self, plan: dict, rows: int, repeats: int, heads: int, dtype: torch.dtype
