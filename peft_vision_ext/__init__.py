@@ -8,15 +8,28 @@ and the rest of peft's workflow accept our configs.
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the models with the transformers Auto classes)
-from .tuners import ConvAdapterConfig, ConvAdapterModel, MoPEFTConfig, MoPEFTModel  # noqa: E402  (registers)
+from .tuners import (  # noqa: E402  (registers)
+    ConvAdapterConfig,
+    ConvAdapterModel,
+    DeformableLoRAConfig,
+    DeformableLoRAModel,
+    MoPEFTConfig,
+    MoPEFTModel,
+    SeqAdapterConfig,
+    SeqAdapterModel,
+)
 from .tuners.mopeft import merge_mergeable, prune_mopeft  # noqa: E402
 
 
 __all__ = [
     "ConvAdapterConfig",
     "ConvAdapterModel",
+    "DeformableLoRAConfig",
+    "DeformableLoRAModel",
     "MoPEFTConfig",
     "MoPEFTModel",
+    "SeqAdapterConfig",
+    "SeqAdapterModel",
     "__version__",
     "merge_mergeable",
     "prune_mopeft",

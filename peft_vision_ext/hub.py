@@ -19,6 +19,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 METHOD_TITLES = {
     "conv_adapter": "Fusable conv adapters (BN + 1x1 conv), peft-vision-ext",
     "mopeft": "MoPEFT: gated mixture of LoRA, prefix tuning and adapters, peft-vision-ext",
+    "deform_lora": "LoRA on multi-scale deformable attention, peft-vision-ext",
+    "seq_adapter": "Sequential bottleneck adapters in transformer blocks, peft-vision-ext",
 }
 _USAGE_HEADING = "## How to load this adapter"
 _MERGE_LINES = {
@@ -26,6 +28,8 @@ _MERGE_LINES = {
     "mopeft": (
         "# LoRA without input-dependent gates merges exactly; prune gated parts first (peft_vision_ext.prune_mopeft)\n"
     ),
+    "deform_lora": "merged = model.merge_and_unload()  # LoRA folds into the projections (not sequential adapters)\n",
+    "seq_adapter": "# sequential adapters are non-linear: they do not merge; keep the PeftModel for inference\n",
 }
 
 

@@ -141,11 +141,76 @@ def make_dinov2(seed: int = 0, attn: str = "sdpa") -> nn.Module:
     return _perturb(Dinov2Model(config), seed).eval()
 
 
+def make_mask2former(seed: int = 0) -> nn.Module:
+    """A tiny Mask2Former: 4-stage Swin backbone (one block each), 2 pixel-decoder encoder layers with multi-scale
+    deformable attention, 2 masked-attention decoder layers (self-attn, nn.MultiheadAttention cross-attn, FFN)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    torch.manual_seed(seed)
+    backbone = SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        num_labels=3,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        decoder_layers=3,
+        encoder_layers=2,
+        num_attention_heads=2,
+        num_queries=6,
+        common_stride=4,
+    )
+    return _perturb(Mask2FormerForUniversalSegmentation(config), seed).eval()
+
+
+def make_deformable_detr(seed: int = 0) -> nn.Module:
+    """A tiny Deformable DETR (encoder + decoder with multi-scale deformable attention) on a tiny ResNet backbone."""
+    from transformers import DeformableDetrConfig, DeformableDetrModel, ResNetConfig
+
+    torch.manual_seed(seed)
+    backbone = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16, 16, 32],
+        depths=[1, 1, 1, 1],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = DeformableDetrConfig(
+        backbone_config=backbone,
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_queries=5,
+        num_feature_levels=3,
+        encoder_n_points=2,
+        decoder_n_points=2,
+    )
+    return _perturb(DeformableDetrModel(config), seed).eval()
+
+
 def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Segmentation logits (B, K, H, W), or an encoder's last hidden state (B, N, C)."""
+    """Segmentation logits (B, K, H, W), or an encoder's last hidden state (B, N, C), or for Mask2Former its mask and
+    class logits per query (B, Q, H*W + K + 1)."""
     out = model(pixel_values=x)
     if isinstance(out, torch.Tensor):
         return out
+    if getattr(out, "masks_queries_logits", None) is not None:
+        return torch.cat([out.masks_queries_logits.flatten(2), out.class_queries_logits], dim=-1)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
@@ -159,4 +224,6 @@ FACTORIES = {
     "sam_tiny_sdpa": lambda seed=0: make_sam(seed, attn="sdpa"),
     "vit_tiny": make_vit,
     "dinov2_tiny": make_dinov2,
+    "mask2former_tiny": make_mask2former,
+    "deformable_detr_tiny": make_deformable_detr,
 }

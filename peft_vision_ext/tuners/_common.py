@@ -115,3 +115,18 @@ def check_adapter_fits(
         f"{title} {adapter_name!r} does not fit this model: " + "; ".join(problems) + f". The adapter was trained on "
         f"{trained_on}; load it onto that base model, or {remedy} if the file is damaged."
     )
+
+
+class WrapperReplaceMixin:
+    """``BaseTuner._replace_module`` for tuners whose layers wrap modules that may have no ``weight`` (blocks,
+    attention modules): swap the module and place the new adapter parameters on the device of the wrapped module."""
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        if not hasattr(new_module, "get_base_layer") or new_module.get_base_layer() is new_module:
+            return
+        reference = next(new_module.get_base_layer().parameters(), None)
+        if reference is not None and reference.device != torch.device("meta"):
+            for name, module in new_module.named_modules():
+                if self.prefix in name:
+                    module.to(reference.device)

@@ -5,7 +5,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .._common import check_adapter_fits, is_excluded
+from .._common import WrapperReplaceMixin, check_adapter_fits, is_excluded
 from .blocks import SUPPORTED_BLOCKS, block_family
 from .config import MoPEFTConfig
 from .layer import MoPEFTLayer
@@ -42,7 +42,7 @@ def _unsupported_model_error(model: nn.Module, config: MoPEFTConfig) -> ValueErr
     )
 
 
-class MoPEFTModel(BaseTuner):
+class MoPEFTModel(WrapperReplaceMixin, BaseTuner):
     """MoPEFT (seed 002) as a peft tuner. Create it with ``get_peft_model(model, MoPEFTConfig())``.
 
     Each targeted transformer block is wrapped by [`~peft_vision_ext.tuners.mopeft.layer.MoPEFTLayer`].
@@ -160,17 +160,6 @@ class MoPEFTModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        """peft's version assumes a layer with ``weight``; a block has none. Wrapping and unwrapping a block only needs
-        the module swapped and the new MoPEFT parameters placed on the block's device."""
-        setattr(parent, child_name, new_module)
-        if isinstance(new_module, MoPEFTLayer):
-            reference = next(new_module.get_base_layer().parameters(), None)
-            if reference is not None and reference.device != torch.device("meta"):
-                for name, module in new_module.named_modules():
-                    if self.prefix in name:
-                        module.to(reference.device)
 
     def _check_exact_unload(self) -> None:
         """``merge_and_unload`` removes the wrappers, so every active part must be a weight update."""
