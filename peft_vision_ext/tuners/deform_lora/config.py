@@ -106,7 +106,9 @@ class DeformableLoRAConfig(CheckedLoadingMixin, PeftConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
         if not isinstance(self.projection_ranks, dict):
-            raise ValueError(f"`projection_ranks` must be a dict of projection -> rank, got {self.projection_ranks!r}.")
+            raise ValueError(
+                f"`projection_ranks` must be a dict of projection -> rank, got {self.projection_ranks!r}."
+            )
         unknown = sorted(set(self.projection_ranks) - set(PROJECTIONS))
         if unknown:
             raise ValueError(

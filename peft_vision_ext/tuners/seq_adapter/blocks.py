@@ -45,7 +45,9 @@ def block_positions(block: nn.Module) -> dict[str, str] | None:
         return None
     positions: dict[str, str] = {}
     for name in _SELF_ATTENTION:
-        if name in children and any(isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in children[name].modules()):
+        if name in children and any(
+            isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in children[name].modules()
+        ):
             positions["self_attn"] = name
             break
     for name in _CROSS_ATTENTION:
