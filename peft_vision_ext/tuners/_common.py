@@ -69,7 +69,7 @@ def is_excluded(config, key: str) -> bool:
 
 def check_adapter_fits(
     model: nn.Module,
-    layer_cls: type,
+    layer_cls: type | tuple[type, ...],
     config,
     adapter_name: str,
     remapped: dict[str, torch.Tensor],
@@ -78,14 +78,14 @@ def check_adapter_fits(
     remedy: str,
 ) -> None:
     """Raise a ``ValueError`` naming the tensors if a checkpoint (keys already remapped to the model) misses adapter
-    tensors of ``layer_cls`` layers, or holds tensors of the wrong shape. peft would otherwise load it partially or
+    tensors of ``layer_cls`` layers (a class or a tuple of them), or holds tensors of the wrong shape. peft would otherwise load it partially or
     fail with a bare size-mismatch error."""
     model_state = model.state_dict()
     expected = []
     for module_name, module in model.named_modules():
         if not isinstance(module, layer_cls):
             continue
-        for attr in layer_cls.adapter_layer_names:
+        for attr in module.adapter_layer_names:
             container = getattr(module, attr)
             if adapter_name not in container:
                 continue
@@ -130,3 +130,46 @@ class WrapperReplaceMixin:
             for name, module in new_module.named_modules():
                 if self.prefix in name:
                     module.to(reference.device)
+
+
+class CheckedTunerMixin:
+    """What every tuner of this package does around peft's ``BaseTuner`` (put it before ``BaseTuner`` in the bases):
+
+    - ``merge_and_unload`` first calls ``_refuse_inexact_merge()``, which a tuner overrides to raise, in words, when
+      something active cannot be folded into weights exactly (nothing is merged or unloaded then);
+    - loading checks that the checkpoint fits the model's ``tuner_layer_cls`` layers (``check_adapter_fits``), with
+      the tuner's ``adapter_title`` and ``fits_remedy`` in the message.
+    """
+
+    adapter_title: str = "Adapter"
+    fits_remedy: str = "re-save it"
+
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        # Targets are resolved against the model in `_prepare_model`, not from a per-architecture table.
+        return peft_config
+
+    def _refuse_inexact_merge(self) -> None:
+        """Raise a ``ValueError`` if the active adapters cannot be merged exactly (default: they always can)."""
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            self._refuse_inexact_merge()
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_fits(
+            model, cls.tuner_layer_cls, config, adapter_name, remapped, title=cls.adapter_title, remedy=cls.fits_remedy
+        )
+        return remapped

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PretrainedConfig
 
-from .._common import check_adapter_fits, is_excluded
+from .._common import CheckedTunerMixin, is_excluded
 from .config import ConvAdapterConfig
 from .layer import Conv2d, ConvAdapterLayer, fusion_blockers
 
@@ -57,7 +56,7 @@ def freeze_frozen_batchnorm(model: nn.Module) -> list[str]:
     return frozen
 
 
-class ConvAdapterModel(BaseTuner):
+class ConvAdapterModel(CheckedTunerMixin, BaseTuner):
     """Fusable conv adapters (seed 000) as a peft tuner. Create it with ``get_peft_model(model, ConvAdapterConfig())``.
 
     Each targeted ``nn.Conv2d`` is wrapped by [`~peft_vision_ext.tuners.conv_adapter.layer.Conv2d`]. ``merge_and_unload``
@@ -82,14 +81,12 @@ class ConvAdapterModel(BaseTuner):
     prefix: str = "convadapter_"
     tuner_layer_cls = ConvAdapterLayer
     target_module_mapping: dict[str, list[str]] = {}
+    adapter_title = "Conv adapter"
+    fits_remedy = "re-export the adapter"
 
     # ----------------------------------------------------------------------------------------------------------------
     # Target resolution
     # ----------------------------------------------------------------------------------------------------------------
-    def _prepare_adapter_config(self, peft_config: ConvAdapterConfig, model_config: dict) -> ConvAdapterConfig:
-        # `target_modules=None` means "every fusable conv"; it is resolved against the model in `_prepare_model`.
-        return peft_config
-
     def _prepare_model(self, peft_config: ConvAdapterConfig, model: nn.Module) -> None:
         convs = find_convs(model)
         if not convs:
@@ -226,25 +223,6 @@ class ConvAdapterModel(BaseTuner):
             if created:
                 _record_fused_biases(model, created)
         return model
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Loading
-    # ----------------------------------------------------------------------------------------------------------------
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: ConvAdapterConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_fits(
-            model,
-            ConvAdapterLayer,
-            config,
-            adapter_name,
-            remapped,
-            title="Conv adapter",
-            remedy="re-export the adapter",
-        )
-        return remapped
 
 
 def _record_fused_biases(model: nn.Module, names: list[str]) -> None:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .._common import WrapperReplaceMixin, check_adapter_fits, is_excluded
+from .._common import CheckedTunerMixin, WrapperReplaceMixin, is_excluded
 from ..seq_adapter.layer import SeqAdapterLayer
 from ..seq_adapter.model import PREFIX, plan_sequential_adapters, refuse_unmergeable_adapters, wrap_sublayer
 from .config import PROJECTIONS, DeformableLoRAConfig
@@ -56,7 +55,7 @@ def _linear_inside_mha(model: nn.Module, name: str) -> bool:
     return isinstance(parent, (nn.MultiheadAttention, LoraMultiheadAttention))
 
 
-class DeformableLoRAModel(WrapperReplaceMixin, BaseTuner):
+class DeformableLoRAModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
     """LoRA on multi-scale deformable attention (seed 001) as a peft tuner:
     ``get_peft_model(model, DeformableLoRAConfig())``. With ``adapters_per_block`` > 0 it also places sequential
     adapters, so one adapter holds both of the seed's methods.
@@ -79,9 +78,7 @@ class DeformableLoRAModel(WrapperReplaceMixin, BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = (LoraLinear, LoraMultiheadAttention, SeqAdapterLayer)
     target_module_mapping: dict[str, list[str]] = {}
-
-    def _prepare_adapter_config(self, peft_config: DeformableLoRAConfig, model_config: dict) -> DeformableLoRAConfig:
-        return peft_config
+    adapter_title = "Deformable LoRA adapter"
 
     def _prepare_model(self, peft_config: DeformableLoRAConfig, model: nn.Module) -> None:
         attention = find_deformable_attention(model)
@@ -202,26 +199,5 @@ class DeformableLoRAModel(WrapperReplaceMixin, BaseTuner):
                 init_weights=config.init_weights,
             )
 
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        if merge:
-            refuse_unmergeable_adapters(self.model)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: DeformableLoRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        for layer_cls in (LoraLinear, LoraMultiheadAttention, SeqAdapterLayer):
-            check_adapter_fits(
-                model, layer_cls, config, adapter_name, remapped, title="Deformable LoRA adapter", remedy="re-save it"
-            )
-        return remapped
+    def _refuse_inexact_merge(self) -> None:
+        refuse_unmergeable_adapters(self.model)

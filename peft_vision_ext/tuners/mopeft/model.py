@@ -1,11 +1,10 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 from __future__ import annotations
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .._common import WrapperReplaceMixin, check_adapter_fits, is_excluded
+from .._common import CheckedTunerMixin, WrapperReplaceMixin, is_excluded
 from .blocks import SUPPORTED_BLOCKS, block_family
 from .config import MoPEFTConfig
 from .layer import MoPEFTLayer
@@ -42,7 +41,7 @@ def _unsupported_model_error(model: nn.Module, config: MoPEFTConfig) -> ValueErr
     )
 
 
-class MoPEFTModel(WrapperReplaceMixin, BaseTuner):
+class MoPEFTModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
     """MoPEFT (seed 002) as a peft tuner. Create it with ``get_peft_model(model, MoPEFTConfig())``.
 
     Each targeted transformer block is wrapped by [`~peft_vision_ext.tuners.mopeft.layer.MoPEFTLayer`].
@@ -68,9 +67,7 @@ class MoPEFTModel(WrapperReplaceMixin, BaseTuner):
     prefix: str = "mopeft_"
     tuner_layer_cls = MoPEFTLayer
     target_module_mapping: dict[str, list[str]] = {}
-
-    def _prepare_adapter_config(self, peft_config: MoPEFTConfig, model_config: dict) -> MoPEFTConfig:
-        return peft_config
+    adapter_title = "MoPEFT adapter"
 
     def _prepare_model(self, peft_config: MoPEFTConfig, model: nn.Module) -> None:
         if peft_config.modules_to_save is None:
@@ -161,7 +158,7 @@ class MoPEFTModel(WrapperReplaceMixin, BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _check_exact_unload(self) -> None:
+    def _refuse_inexact_merge(self) -> None:
         """``merge_and_unload`` removes the wrappers, so every active part must be a weight update."""
         problems = []
         for name, module in self.model.named_modules():
@@ -179,26 +176,3 @@ class MoPEFTModel(WrapperReplaceMixin, BaseTuner):
                 "calibration_batches, freeze_gates=True)` to drop parts whose gates stay near zero and fix "
                 "near-constant gates, or keep the model unmerged. `unload()` removes all MoPEFT parts without merging."
             )
-
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        if merge:
-            self._check_exact_unload()
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: MoPEFTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_fits(
-            model, MoPEFTLayer, config, adapter_name, remapped, title="MoPEFT adapter", remedy="re-save it"
-        )
-        return remapped

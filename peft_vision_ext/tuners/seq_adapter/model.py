@@ -1,11 +1,10 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 from __future__ import annotations
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .._common import WrapperReplaceMixin, check_adapter_fits, is_excluded
+from .._common import CheckedTunerMixin, WrapperReplaceMixin, is_excluded
 from .blocks import SUPPORTED_BLOCKS, block_positions, block_width, placement
 from .config import SeqAdapterConfig
 from .layer import SeqAdapterLayer
@@ -134,7 +133,7 @@ def refuse_unmergeable_adapters(model: nn.Module) -> None:
         )
 
 
-class SeqAdapterModel(WrapperReplaceMixin, BaseTuner):
+class SeqAdapterModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
     """Sequential bottleneck adapters (seed 001) as a peft tuner: ``get_peft_model(model, SeqAdapterConfig())``.
 
     Example:
@@ -153,9 +152,7 @@ class SeqAdapterModel(WrapperReplaceMixin, BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = SeqAdapterLayer
     target_module_mapping: dict[str, list[str]] = {}
-
-    def _prepare_adapter_config(self, peft_config: SeqAdapterConfig, model_config: dict) -> SeqAdapterConfig:
-        return peft_config
+    adapter_title = "Sequential adapter"
 
     def _prepare_model(self, peft_config: SeqAdapterConfig, model: nn.Module) -> None:
         selected, sublayers = plan_sequential_adapters(
@@ -188,25 +185,5 @@ class SeqAdapterModel(WrapperReplaceMixin, BaseTuner):
             init_weights=peft_config.init_weights,
         )
 
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        if merge:
-            refuse_unmergeable_adapters(self.model)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: SeqAdapterConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_fits(
-            model, SeqAdapterLayer, config, adapter_name, remapped, title="Sequential adapter", remedy="re-save it"
-        )
-        return remapped
+    def _refuse_inexact_merge(self) -> None:
+        refuse_unmergeable_adapters(self.model)
