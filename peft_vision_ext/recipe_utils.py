@@ -5,6 +5,7 @@ scripts, and the plain training and evaluation loops of their ``accelerate launc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -142,3 +143,72 @@ def save_rank_state(accelerator, model: torch.nn.Module, output_dir: str) -> Non
         {k: v.detach().cpu().contiguous() for k, v in state.items()},
         os.path.join(output_dir, f"rank{accelerator.process_index}.safetensors"),
     )
+
+
+def add_accelerate_arguments(parser, *, seed: int) -> None:
+    """The command-line flags every accelerate twin shares (run layout, batch sizes, seed, CPU/DDP test switches)."""
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="run on CPU; with torchrun this uses the gloo backend (env ACCELERATE_USE_CPU=1)",
+    )
+    parser.add_argument(
+        "--dump_rank_state", action="store_true", help="each rank writes its trainable tensors (checks DDP sync)"
+    )
+
+
+def start_accelerate_run(args, **accelerator_kwargs):
+    """The ``Accelerator`` of a twin run (gradient accumulation and ``--cpu`` from ``args``), with logging set up, the
+    seed set and the output folder created."""
+    import logging
+
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.cpu, **accelerator_kwargs
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    get_logger(__name__).info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def save_from_main_process(accelerator, model: torch.nn.Module, directory: str) -> None:
+    """``save_pretrained`` of the unwrapped model by the main process, with every process waiting before and after
+    (so no process reads the folder half-written)."""
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).save_pretrained(
+        directory, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+    )
+    accelerator.wait_for_everyone()
+
+
+def finish_accelerate_run(accelerator, model: torch.nn.Module, args, results: dict[str, Any]) -> dict[str, Any]:
+    """End a twin run: optional per-rank state dump, the adapter saved to ``<output_dir>/<method>``, ``results.json``
+    (with the method, domain and number of processes) written by the main process. Returns the results."""
+    from accelerate.logging import get_logger
+
+    if args.dump_rank_state:
+        save_rank_state(accelerator, model, args.output_dir)
+    save_from_main_process(accelerator, model, os.path.join(args.output_dir, args.method))
+    results = {
+        "method": args.method,
+        "target_domain": args.target_domain,
+        "num_processes": accelerator.num_processes,
+        **results,
+    }
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+        get_logger(__name__).info("results: %s", results)
+    accelerator.end_training()
+    return results

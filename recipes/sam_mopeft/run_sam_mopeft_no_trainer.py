@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import logging
 import os
 
-from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
@@ -33,16 +29,22 @@ from peft_vision_ext.data import (
     load_rock_dataset,
 )
 from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
-from peft_vision_ext.recipe_utils import accelerate_evaluate_segmentation, accelerate_train, save_rank_state
+from peft_vision_ext.recipe_utils import (
+    accelerate_evaluate_segmentation,
+    accelerate_train,
+    add_accelerate_arguments,
+    finish_accelerate_run,
+    save_from_main_process,
+    start_accelerate_run,
+)
 
 
-logger = get_logger(__name__)
 PEFT_METHODS = ("lora", "vpt", "vpt_deep", "adapter", "mopeft")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
+    add_accelerate_arguments(parser, seed=0)
     parser.add_argument("--source_model", help="directory of a pretrained source SamForSemanticSegmentation")
     parser.add_argument("--method", default="mopeft", choices=SAM_ADAPTATION_METHODS)
     parser.add_argument("--target_domain", default="mars", choices=sorted(ROCK_DOMAINS))
@@ -66,19 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--learning_rate", type=float, default=None, help="default: 3e-3 PEFT, 1e-3 decoder, 5e-4 full"
     )
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
-    parser.add_argument(
-        "--cpu",
-        action="store_true",
-        help="run on CPU; with torchrun this uses the gloo backend (ACCELERATE_USE_CPU=1)",
-    )
-    parser.add_argument(
-        "--dump_rank_state", action="store_true", help="each rank writes its trainable tensors (checks DDP sync)"
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.hidden_size, args.num_hidden_layers, args.window_size = 64, 32, 2, 3
@@ -94,15 +83,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # SAM's prompt-point embeddings, IoU head and the first hypernetwork MLP get no gradient in semantic segmentation
     # (the model lists them in `unused_parameter_prefixes`): DDP must be told, as Trainer does by default.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=args.cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    accelerator = start_accelerate_run(
+        args, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     def split(domain, name, count, augment):
         dataset = load_rock_dataset(domain, name, count, image_size=args.image_size, seed=0)
@@ -134,11 +117,7 @@ def main(argv=None) -> dict:
             desc="pretrain (source)",
             scheduler="cosine",
         )
-        accelerator.wait_for_everyone()
-        accelerator.unwrap_model(model).save_pretrained(
-            source_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-        )
-        accelerator.wait_for_everyone()
+        save_from_main_process(accelerator, model, source_dir)
         accelerator.free_memory()
 
     # --- adaptation -------------------------------------------------------------------------------------------------
@@ -175,16 +154,7 @@ def main(argv=None) -> dict:
             id2label=ROCK_LABELS,
         )
 
-    if args.dump_rank_state:
-        save_rank_state(accelerator, model, args.output_dir)
-    accelerator.wait_for_everyone()
-    method_dir = os.path.join(args.output_dir, args.method)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(method_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
     results = {
-        "method": args.method,
-        "target_domain": args.target_domain,
-        "num_processes": accelerator.num_processes,
         "trainable_params": trainable,
         "total_params": total,
         "last_loss": last_loss,
@@ -194,12 +164,7 @@ def main(argv=None) -> dict:
     if gates is not None:
         # Each process records the gates of its own share of the test set.
         results["gates_mean_this_process"] = gates.mean_by_method()
-    if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
-        logger.info("results: %s", results)
-    accelerator.end_training()
-    return results
+    return finish_accelerate_run(accelerator, model, args, results)
 
 
 if __name__ == "__main__":

@@ -12,27 +12,27 @@ with ``gather_for_metrics`` and saves the adapter (``save_pretrained``) from the
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 
-from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
 from peft_vision_ext.adaptation import ADAPTATION_METHODS, count_parameters, prepare_for_adaptation
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
 from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
-from peft_vision_ext.recipe_utils import accelerate_evaluate_segmentation, accelerate_train, save_rank_state
-
-
-logger = get_logger(__name__)
+from peft_vision_ext.recipe_utils import (
+    accelerate_evaluate_segmentation,
+    accelerate_train,
+    add_accelerate_arguments,
+    finish_accelerate_run,
+    save_from_main_process,
+    start_accelerate_run,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
+    add_accelerate_arguments(parser, seed=42)
     parser.add_argument("--encoder_name", default="resnet18")
     parser.add_argument("--decoder_channels", type=int, nargs="+", default=[128, 64, 32, 16, 16])
     parser.add_argument("--source_model", help="directory of a pretrained source U-Net (skips pretraining)")
@@ -46,19 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapt_epochs", type=int, default=8)
     parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
-    parser.add_argument(
-        "--cpu",
-        action="store_true",
-        help="run on CPU; with torchrun this uses the gloo backend (env ACCELERATE_USE_CPU=1)",
-    )
-    parser.add_argument(
-        "--dump_rank_state", action="store_true", help="each rank writes its trainable tensors (checks DDP sync)"
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.source_train_samples, args.target_train_samples, args.test_samples = 64, 16, 8, 8
@@ -69,11 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.cpu)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = start_accelerate_run(args)
 
     def split(domain, name, count, augment):
         dataset = load_rock_dataset(domain, name, count, args.image_size, seed=0)
@@ -99,11 +82,7 @@ def main(argv=None) -> dict:
             batch_size=args.per_device_train_batch_size,
             desc="pretrain (source)",
         )
-        accelerator.wait_for_everyone()
-        accelerator.unwrap_model(model).save_pretrained(
-            source_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-        )
-        accelerator.wait_for_everyone()
+        save_from_main_process(accelerator, model, source_dir)
         accelerator.free_memory()
 
     # --- adaptation -------------------------------------------------------------------------------------------------
@@ -129,28 +108,14 @@ def main(argv=None) -> dict:
         id2label=ROCK_LABELS,
     )
 
-    unwrapped = accelerator.unwrap_model(model)
-    if args.dump_rank_state:
-        save_rank_state(accelerator, model, args.output_dir)
-    accelerator.wait_for_everyone()
-    method_dir = os.path.join(args.output_dir, args.method)
-    unwrapped.save_pretrained(method_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
     results = {
-        "method": args.method,
-        "target_domain": args.target_domain,
-        "num_processes": accelerator.num_processes,
         "trainable_params": trainable,
         "total_params": total,
         "last_loss": last_loss,
         "balanced_accuracy": metrics["balanced_accuracy"],
         "mean_iou": metrics["mean_iou"],
     }
-    if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
-        logger.info("results: %s", results)
-    accelerator.end_training()
-    return results
+    return finish_accelerate_run(accelerator, model, args, results)
 
 
 if __name__ == "__main__":
