@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from .metrics import ConfusionMatrix, metrics_from_confusion
 from .tuners.conv_adapter import ConvAdapterConfig, freeze_frozen_batchnorm
+from .tuners.mopeft import MOPEFT_PRESETS, MoPEFTConfig
 
 
 ADAPTATION_METHODS = ("full", "decoder", "conv_adapter", "bn_adapter")
 # Seed 002's comparison on SAM: two baselines without training/with the decoder only, the MoPEFT presets, full FT.
-SAM_ADAPTATION_METHODS = ("zero_shot", "decoder", "lora", "vpt", "vpt_deep", "adapter", "mopeft", "full")
+SAM_ADAPTATION_METHODS = ("zero_shot", "decoder", *MOPEFT_PRESETS, "full")
 
 
 def prepare_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) -> nn.Module:
@@ -61,8 +62,6 @@ def prepare_sam_for_adaptation(model: nn.Module, method: str, **config_kwargs: A
     - ``"lora"``, ``"vpt"``, ``"vpt_deep"``, ``"adapter"``, ``"mopeft"``: ``get_peft_model`` with
       ``MoPEFTConfig.from_preset(method, **config_kwargs)`` (the mask decoder trains as ``modules_to_save``).
     """
-    from .tuners.mopeft import MoPEFTConfig
-
     if method not in SAM_ADAPTATION_METHODS:
         raise ValueError(f"`method` must be one of {SAM_ADAPTATION_METHODS}, got {method!r}.")
     if method in ("zero_shot", "full"):

@@ -39,6 +39,7 @@ from peft_vision_ext.analysis import collect_gate_statistics, plot_gate_usage
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
 from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
 from peft_vision_ext.recipe_utils import parse_recipe_args, run_training_args
+from peft_vision_ext.tuners.mopeft import MOPEFT_PRESETS
 
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def train(model, training_args, dataset, *, learning_rate, epochs, run_name):
 def prepare(source: SamForSemanticSegmentation, method: str, peft_args: PeftArguments, **overrides):
     """A copy of the source model set up for ``method`` (the source stays untouched for the next run)."""
     model = copy.deepcopy(source)
-    if method in ("zero_shot", "decoder", "full"):
+    if method not in MOPEFT_PRESETS:  # zero-shot, decoder-only, full: no PEFT settings
         return prepare_sam_for_adaptation(model, method)
     kwargs = {"r": peft_args.r, "prefix_length": peft_args.prefix_length, "adapter_dim": peft_args.adapter_dim}
     kwargs.update(overrides)

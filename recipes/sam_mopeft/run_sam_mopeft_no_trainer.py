@@ -37,9 +37,7 @@ from peft_vision_ext.recipe_utils import (
     save_from_main_process,
     start_accelerate_run,
 )
-
-
-PEFT_METHODS = ("lora", "vpt", "vpt_deep", "adapter", "mopeft")
+from peft_vision_ext.tuners.mopeft import MOPEFT_PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +122,7 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     source = SamForSemanticSegmentation.from_pretrained(source_dir)
     settings = {"r": args.r, "prefix_length": args.prefix_length, "adapter_dim": args.adapter_dim}
-    model = prepare_sam_for_adaptation(source, args.method, **(settings if args.method in PEFT_METHODS else {}))
+    model = prepare_sam_for_adaptation(source, args.method, **(settings if args.method in MOPEFT_PRESETS else {}))
     trainable, total = count_parameters(model)
     last_loss = float("nan")
     if args.method != "zero_shot":

@@ -104,7 +104,7 @@ class SamBlock:
         windows = normed
         if block.window_size > 0:
             windows, padding_shape = block.window_partition(normed, block.window_size)  # (B*nW, ws, ws, C)
-        n, h, w, channels = windows.shape
+        n, h, w, _ = windows.shape
         repeats = n // batch_size  # windows per image: per-image gates are repeated over them
         heads = attn.num_attention_heads
 

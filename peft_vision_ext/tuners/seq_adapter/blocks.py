@@ -38,24 +38,20 @@ def _last_linear(module: nn.Module) -> nn.Linear | None:
     return linears[-1] if linears else None
 
 
+def _has_attention(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in module.modules())
+
+
 def block_positions(block: nn.Module) -> dict[str, str] | None:
     """``{position: child name}`` of a block that takes sequential adapters, or None."""
     children = dict(block.named_children())
     if not any(isinstance(m, nn.LayerNorm) for m in children.values()):
         return None
     positions: dict[str, str] = {}
-    for name in _SELF_ATTENTION:
-        if name in children and any(
-            isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in children[name].modules()
-        ):
-            positions["self_attn"] = name
-            break
-    for name in _CROSS_ATTENTION:
-        if name in children and any(
-            isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in children[name].modules()
-        ):
-            positions["cross_attn"] = name
-            break
+    for position, names in (("self_attn", _SELF_ATTENTION), ("cross_attn", _CROSS_ATTENTION)):
+        found = next((name for name in names if name in children and _has_attention(children[name])), None)
+        if found is not None:
+            positions[position] = found
     if "mlp" in children and _last_linear(children["mlp"]) is not None:
         positions["ffn"] = "mlp"
     elif isinstance(children.get("fc2"), nn.Linear):
