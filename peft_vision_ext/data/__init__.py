@@ -1,11 +1,19 @@
 """Embedded, procedurally generated segmentation data (no downloads).
 
 See :mod:`peft_vision_ext.data.rocks` for the rock-field domains (synthetic Moon source, real-looking Moon, Mars,
-high-sun Moon) and :mod:`peft_vision_ext.data.transforms` for tensor conversion and collation.
+high-sun Moon), :mod:`peft_vision_ext.data.rock_instances` for the same scenes with per-rock masks and
+classes, and :mod:`peft_vision_ext.data.transforms` for tensor conversion and collation.
 """
 
 from __future__ import annotations
 
+from .rock_instances import (
+    BOULDER_RADIUS,
+    MAX_INSTANCES,
+    ROCK_INSTANCE_LABELS,
+    load_rock_instance_dataset,
+    render_rock_instances,
+)
 from .rocks import (
     ROCK_DOMAINS,
     ROCK_IGNORE_INDEX,
@@ -15,17 +23,29 @@ from .rocks import (
     load_rock_datasets,
     render_rock_scene,
 )
-from .transforms import SegmentationTransform, collate_segmentation
+from .transforms import (
+    InstanceSegmentationTransform,
+    SegmentationTransform,
+    collate_instance_segmentation,
+    collate_segmentation,
+)
 
 
 __all__ = [
+    "BOULDER_RADIUS",
+    "MAX_INSTANCES",
     "ROCK_DOMAINS",
     "ROCK_IGNORE_INDEX",
+    "ROCK_INSTANCE_LABELS",
     "ROCK_LABELS",
     "ROCK_SPLITS",
+    "InstanceSegmentationTransform",
     "SegmentationTransform",
+    "collate_instance_segmentation",
     "collate_segmentation",
     "load_rock_dataset",
     "load_rock_datasets",
+    "load_rock_instance_dataset",
+    "render_rock_instances",
     "render_rock_scene",
 ]

@@ -506,7 +506,19 @@ def render_rock_scene(
         with class ids from ``ROCK_LABELS`` (0 ground, 1 rock, 2 sky).
     """
     style = _STYLES[_check_domain(domain)]
-    height, width = _check_image_size(image_size)
+    image, label, _, _ = _render_scene(style, rng, *_check_image_size(image_size))
+    return image, label
+
+
+def _render_scene(
+    style: _DomainStyle, rng: np.random.Generator, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Render one scene of ``style``: ``(image, label, instances, rock_size)``.
+
+    ``instances`` (int32, ``(H, W)``) holds ``k + 1`` on the visible pixels of the ``k``-th rock in drawing order
+    (far to near) and 0 elsewhere; ``rock_size[k]`` is that rock's true radius (before perspective) as a fraction of
+    ``min(H, W)``. Both are by-products of the rasterisation and draw nothing from ``rng``.
+    """
     size = float(min(height, width))
     res = size / 128.0  # resolution factor: blur and feature sizes are defined at 128 px
 
@@ -654,6 +666,9 @@ def render_rock_scene(
     last = flat.size - 1 - last
     img.reshape(-1, 3)[flat[last]] = (irr[last, None] * (rock_rgb * albedo[ids[last], None])).astype(np.float32)
     label.reshape(-1)[flat[last]] = 1
+    instances = np.zeros((height, width), dtype=np.int32)
+    instances.reshape(-1)[flat[last]] = ids[last] + 1
+    rock_size = (base_radius[order] / size).astype(np.float32)
 
     # Cast shadows: each rock footprint swept along the shadow direction (a capsule in ground coordinates). Rock
     # height ~ radius / flatness, so the shadow reaches height / tan(elevation) beyond the rock centre.
@@ -710,7 +725,7 @@ def render_rock_scene(
         std = sigma + style.shot_noise * np.sqrt(np.clip(img, 0.0, 1.0))
         img = img + std * rng.standard_normal(img.shape, dtype=np.float32)
     img = _soft_clip(img)
-    return (img * 255.0 + 0.5).astype(np.uint8), label
+    return (img * 255.0 + 0.5).astype(np.uint8), label, instances, rock_size
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Batch transforms and collation for semantic-segmentation datasets (``image`` / ``label`` PIL columns)."""
+"""Batch transforms and collation: semantic segmentation (``image`` / ``label`` PIL columns) and instance
+segmentation (``image`` / ``instance_map`` / ``instance_classes``, into Mask2Former's ``mask_labels`` /
+``class_labels``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import numpy as np
 import torch
 
 
-__all__ = ["SegmentationTransform", "collate_segmentation"]
+__all__ = [
+    "InstanceSegmentationTransform",
+    "SegmentationTransform",
+    "collate_instance_segmentation",
+    "collate_segmentation",
+]
 
 
 def _to_array(img: Any, rgb: bool) -> np.ndarray:
@@ -103,3 +110,77 @@ def collate_segmentation(examples: Sequence[dict[str, Any]]) -> dict[str, torch.
     pixel_values = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples])
     labels = torch.stack([torch.as_tensor(e["labels"], dtype=torch.long) for e in examples])
     return {"pixel_values": pixel_values, "labels": labels}
+
+
+class InstanceSegmentationTransform:
+    """Convert ``{"image", "instance_map", "instance_classes"}`` batches into Mask2Former / MaskFormer inputs.
+
+    ``instance_map`` holds instance ``k`` (1-based) on its pixels and 0 on background; ``instance_classes[k - 1]`` is
+    its class id. Meant for ``Dataset.set_transform`` / ``with_transform`` (a batch dict of lists); a single example
+    is accepted too.
+
+    Args:
+        image_mean, image_std: per-channel normalisation of images scaled to [0, 1] (ImageNet by default).
+        augment: random horizontal flip of the image together with its masks (masks are never resampled).
+        seed: seed of the augmentation generator (``None`` = nondeterministic).
+
+    Returns (when called):
+        ``{"pixel_values": [(3, H, W) float32], "mask_labels": [(N, H, W) float32 binary masks],
+        "class_labels": [(N,) int64]}`` with one entry per image; ``N`` may be 0.
+    """
+
+    def __init__(
+        self,
+        image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+        image_std: Sequence[float] = (0.229, 0.224, 0.225),
+        augment: bool = False,
+        seed: int | None = None,
+        flip_prob: float = 0.5,
+    ) -> None:
+        self._image = SegmentationTransform(image_mean, image_std, augment=False)
+        self.augment = augment
+        self.flip_prob = flip_prob
+        self.rng = np.random.default_rng(seed)
+
+    def _one(self, image: Any, instance_map: Any, classes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        pixel_values, ids = self._image._one(image, instance_map)
+        classes = torch.as_tensor(list(classes), dtype=torch.long).reshape(-1)
+        present = torch.unique(ids)
+        present = present[present > 0]
+        if present.numel() and int(present.max()) > classes.numel():
+            raise ValueError(
+                f"`instance_map` has instance id {int(present.max())} but `instance_classes` has only "
+                f"{classes.numel()} entries; instance k needs its class at index k - 1."
+            )
+        if self.augment and self.rng.random() < self.flip_prob:
+            pixel_values = pixel_values.flip(-1)
+            ids = ids.flip(-1)
+        masks = ids.unsqueeze(0) == torch.arange(1, classes.numel() + 1).view(-1, 1, 1)
+        # Instances fully hidden (no pixels) would be unmatched targets with empty masks: drop them.
+        keep = masks.flatten(1).any(dim=1)
+        return pixel_values, masks[keep].float(), classes[keep]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images, maps, classes = batch["image"], batch["instance_map"], batch["instance_classes"]
+        if not isinstance(images, (list, tuple)):
+            pixel_values, masks, labels = self._one(images, maps, classes)
+            return {"pixel_values": pixel_values, "mask_labels": masks, "class_labels": labels}
+        out = [self._one(*example) for example in zip(images, maps, classes, strict=True)]
+        return {
+            "pixel_values": [o[0] for o in out],
+            "mask_labels": [o[1] for o in out],
+            "class_labels": [o[2] for o in out],
+        }
+
+
+def collate_instance_segmentation(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``{"pixel_values": (B, 3, H, W), "mask_labels": [B x (N_i, H, W)], "class_labels": [B x (N_i,)]}``: the
+    keyword arguments of ``Mask2FormerForUniversalSegmentation.forward`` (instance counts differ, so targets stay
+    lists). Usable as ``Trainer(data_collator=...)`` on a dataset transformed by ``InstanceSegmentationTransform``."""
+    if len(examples) == 0:
+        raise ValueError("`examples` is empty; collate_instance_segmentation needs at least one example.")
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples]),
+        "mask_labels": [torch.as_tensor(e["mask_labels"], dtype=torch.float32) for e in examples],
+        "class_labels": [torch.as_tensor(e["class_labels"], dtype=torch.long) for e in examples],
+    }
