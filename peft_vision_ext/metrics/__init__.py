@@ -1,11 +1,15 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""Semantic segmentation metrics: mean IoU, balanced accuracy (per-class recall) and pixel accuracy.
+"""Segmentation metrics: mean IoU, balanced accuracy (per-class recall) and pixel accuracy for semantic segmentation;
+COCO mask AP for instance segmentation.
 
 - :mod:`~peft_vision_ext.metrics.functional`: numpy functions and a streaming :class:`ConfusionMatrix`.
 - :mod:`~peft_vision_ext.metrics.trainer`: ``compute_metrics`` / ``preprocess_logits_for_metrics`` for
   ``transformers.Trainer``.
 - ``segmentation_metrics/``: the same metrics as an ``evaluate`` module, loadable offline with
   :func:`load_segmentation_metric`.
+- :mod:`~peft_vision_ext.metrics.instance`: COCO-protocol mask AP (pycocotools) of Mask2Former-style instance
+  predictions: :func:`post_process_instance_predictions`, the accumulating :class:`CocoMaskAP` and
+  :func:`evaluate_instance_segmentation`.
 """
 
 from __future__ import annotations
@@ -19,17 +23,25 @@ from peft_vision_ext.metrics.functional import (
     confusion_matrix,
     metrics_from_confusion,
 )
+from peft_vision_ext.metrics.instance import (
+    CocoMaskAP,
+    evaluate_instance_segmentation,
+    post_process_instance_predictions,
+)
 from peft_vision_ext.metrics.trainer import make_compute_metrics, preprocess_logits_for_metrics
 
 
 __all__ = [
     "SEGMENTATION_METRIC_PATH",
+    "CocoMaskAP",
     "ConfusionMatrix",
     "compute_segmentation_metrics",
     "confusion_matrix",
+    "evaluate_instance_segmentation",
     "load_segmentation_metric",
     "make_compute_metrics",
     "metrics_from_confusion",
+    "post_process_instance_predictions",
     "preprocess_logits_for_metrics",
 ]
 
