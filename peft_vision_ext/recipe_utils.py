@@ -45,17 +45,23 @@ def parse_recipe_args(
 
 
 def run_training_args(
-    training_args: TrainingArguments, *, run_name: str, learning_rate: float, epochs: float
+    training_args: TrainingArguments,
+    *,
+    run_name: str,
+    learning_rate: float,
+    epochs: float,
+    label_names: Sequence[str] = ("labels",),
 ) -> TrainingArguments:
     """The recipe's ``TrainingArguments`` for one training run: its own output folder under ``trainer/``, no
-    checkpoints or evaluation during training, no external loggers; the segmentation batches keep their labels."""
+    checkpoints or evaluation during training, no external loggers; the batches keep their labels (``label_names``:
+    ``labels`` for semantic segmentation, ``mask_labels`` / ``class_labels`` for Mask2Former)."""
     return dataclasses.replace(
         training_args,
         output_dir=os.path.join(training_args.output_dir, "trainer", run_name),
         learning_rate=learning_rate,
         num_train_epochs=epochs,
         run_name=run_name,
-        label_names=["labels"],
+        label_names=list(label_names),
         remove_unused_columns=False,
         save_strategy="no",
         eval_strategy="no",

@@ -1,11 +1,20 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, SamConfig
 
+from .mask2former import MASK2FORMER_PARTS, mask2former_parts, small_mask2former_config
 from .sam import SamForSemanticSegmentation, small_sam_config
 from .unet import UNetConfig, UNetForSemanticSegmentation
 
 
-__all__ = ["SamForSemanticSegmentation", "UNetConfig", "UNetForSemanticSegmentation", "small_sam_config"]
+__all__ = [
+    "MASK2FORMER_PARTS",
+    "SamForSemanticSegmentation",
+    "UNetConfig",
+    "UNetForSemanticSegmentation",
+    "mask2former_parts",
+    "small_mask2former_config",
+    "small_sam_config",
+]
 
 # Lets `AutoModelForSemanticSegmentation.from_pretrained(<saved U-Net>)` (and the `peft-vision` CLI) find the class.
 AutoConfig.register(UNetConfig.model_type, UNetConfig, exist_ok=True)
