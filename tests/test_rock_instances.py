@@ -21,7 +21,7 @@ from peft_vision_ext.data import (
 from peft_vision_ext.data.rocks import _STYLES, _render_scene
 
 
-SIZE = 96
+SIZE = 128  # the default size: `min_area` is in pixels, so the statistics hold at this size
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_instances_are_contiguous_large_enough_rocks(domain, instance_scenes):
         # ids 1..N, each with at least min_area pixels, one class each
         np.testing.assert_array_equal(ids[ids > 0], np.arange(1, classes.size + 1))
         areas = np.bincount(instance_map.ravel())[1:]
-        assert (areas >= 12).all()
+        assert (areas >= 32).all()
 
 
 def test_instances_lie_on_rock_pixels_of_the_semantic_render():
@@ -75,7 +75,7 @@ def test_domains_differ_in_class_mix_and_count(instance_scenes):
 
     assert boulder_share("moon-boulders") > 0.9  # a class-set shift: nearly only boulders
     assert boulder_share("mars") < boulder_share("source") < boulder_share("moon-boulders")
-    assert 0.1 < boulder_share("source") < 0.6  # the source domain has both classes
+    assert 0.2 < boulder_share("source") < 0.75  # the source domain has both classes
     assert mean_count("mars") > mean_count("source") > mean_count("moon-boulders")
 
 

@@ -5,7 +5,8 @@ boulders) are those described in :mod:`~peft_vision_ext.data.rocks`. Two things 
 
 * **Layout.** A rock field of 30 pebbles per frame is a semantic-segmentation scene, not an instance-segmentation one
   (each pebble would need its own query). Instance scenes draw fewer and larger rocks (``_INSTANCE_LAYOUT``): about
-  4-12 rocks per frame in the lunar domains, more on Mars, a few boulders in ``"moon-boulders"``.
+  0-15 (about 5 on average) rocks per frame in the lunar domains, about 7 on Mars, a few boulders in
+  ``"moon-boulders"``; the smallest annotated rocks cover about 50 pixels at 128 px.
 * **Classes** (``ROCK_INSTANCE_LABELS``): a rock is a ``"boulder"`` when its *true* radius (before perspective) is at
   least ``BOULDER_RADIUS`` of the frame, else a ``"rock"``, the size classes of rover hazard maps. Far boulders look
   small, so the class is not the apparent size alone: a model has to use the depth cue of the row position. The
@@ -57,10 +58,10 @@ MAX_INSTANCES: int = 255
 
 # Fewer, larger rocks than the semantic scenes: (rock_count, rock_radius) per domain.
 _INSTANCE_LAYOUT: dict[str, dict[str, Any]] = {
-    "source": {"rock_count": (6.0, 12.0), "rock_radius": (0.035, 0.16)},
-    "moon-real": {"rock_count": (6.0, 12.0), "rock_radius": (0.035, 0.16)},
-    "moon-highsun": {"rock_count": (6.0, 12.0), "rock_radius": (0.035, 0.16)},
-    "mars": {"rock_count": (12.0, 20.0), "rock_radius": (0.03, 0.11)},
+    "source": {"rock_count": (4.0, 9.0), "rock_radius": (0.05, 0.18)},
+    "moon-real": {"rock_count": (4.0, 9.0), "rock_radius": (0.05, 0.18)},
+    "moon-highsun": {"rock_count": (4.0, 9.0), "rock_radius": (0.05, 0.18)},
+    "mars": {"rock_count": (8.0, 14.0), "rock_radius": (0.045, 0.12)},
     "moon-boulders": {},
 }
 _INSTANCE_STYLES = {
@@ -69,7 +70,7 @@ _INSTANCE_STYLES = {
 
 
 def render_rock_instances(
-    domain: str, rng: np.random.Generator, image_size: int | tuple[int, int] = 128, min_area: int = 12
+    domain: str, rng: np.random.Generator, image_size: int | tuple[int, int] = 128, min_area: int = 32
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one instance-annotated rock scene of ``domain``.
 
@@ -108,7 +109,7 @@ def load_rock_instance_dataset(
     num_samples: int = 200,
     image_size: int | tuple[int, int] = 128,
     seed: int = 0,
-    min_area: int = 12,
+    min_area: int = 32,
 ) -> datasets.Dataset:
     """Render ``num_samples`` instance-annotated scenes of ``domain`` into an in-memory Hugging Face dataset.
 
