@@ -13,6 +13,8 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+import peft_vision_ext  # noqa: F401  (registers the methods with peft, as a user's script does)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "space_rocks")
@@ -131,3 +133,42 @@ def test_sam_mopeft_quick(tmp_path):
     assert encoder["zero_shot"] == encoder["decoder"] == 0 and encoder["full"] == 100
     assert 0 < encoder["vpt"] < encoder["vpt_deep"] < encoder["mopeft"] < 100
     assert "trainable % (encoder)" in table
+
+
+def test_mask2former_instance_quick(tmp_path):
+    recipe = os.path.join(ROOT, "recipes", "mask2former_instance")
+    sys.path.insert(0, recipe)
+    try:
+        import run_mask2former_instance
+    finally:
+        sys.path.remove(recipe)
+    results = run_mask2former_instance.main(
+        ["--output_dir", str(tmp_path), "--quick", "--per_device_train_batch_size", "4"]
+    )
+    assert (tmp_path / "ap_vs_trainable.png").stat().st_size > 10_000
+    table = (tmp_path / "results.md").read_text()
+    for title in run_mask2former_instance.TITLES.values():
+        assert f"| {title} |" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    row = saved["domains"]["moon-boulders"]
+    assert set(row) == set(run_mask2former_instance.METHODS)
+    for method, metrics in row.items():
+        assert 0.0 <= metrics["map"] <= 1.0 and 0.0 <= metrics["map_50"] <= 1.0, method
+        assert metrics["num_images"] == 4
+    shares = results["trainable_percent"]
+    assert shares["zero_shot"] == 0 and shares["full"] == 100
+    assert 0 < shares["deform_lora"] < shares["seq_adapter_1"] < shares["seq_adapter_2"] < shares["decoder"] < 100
+    assert saved["pareto_front"]["moon-boulders"]
+
+
+def test_mask2former_instance_accelerate_twin_two_cpu_processes(tmp_path):
+    script = os.path.join(ROOT, "recipes", "mask2former_instance", "run_mask2former_instance_no_trainer.py")
+    rank0, results = _run_twin_on_two_cpu_processes(script, tmp_path, 29519, "--method", "deform_lora+seq_adapter")
+    # 6 test images over 2 processes with batch 2: the metric sees each image once
+    assert results["num_images"] == 6 and 0.0 <= results["map"] <= 1.0
+    assert any(".iseg_lora_" in key for key in rank0) and any(".iseg_adapter" in key for key in rank0)
+    assert any("class_predictor" in key for key in rank0)
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    base = Mask2FormerForUniversalSegmentation.from_pretrained(tmp_path / "source_model")
+    _assert_loads_back(base, tmp_path / "deform_lora+seq_adapter", rank0)
