@@ -120,3 +120,81 @@ def test_mopeft_benchmark_quick_runs_and_prunes_to_a_merged_model(tmp_path) -> N
     assert closed["max_rel_change"] < 1e-3  # closed gates: dropping them changes (almost) nothing
     worst = result["prune_reports"]["mopeft_frozen_gates_lora_merged"]
     assert worst["fully_merged"] is False and not worst["pruned"]
+
+
+MASK2FORMER_PEFT = ("seq_adapter_1", "seq_adapter_2", "seq_adapter_3", "deform_lora", "deform_lora_seq2")
+MASK2FORMER_TRAINING = ("full", "decoder", *MASK2FORMER_PEFT)
+MASK2FORMER_INFERENCE = ("base", "deform_lora", "deform_lora_merged", "seq_adapter_2")
+
+
+@pytest.fixture(scope="module")
+def mask2former_quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``benchmarks/bench_mask2former.py --quick`` (a small Mask2Former at 64 px): about 10 s."""
+    output = tmp_path_factory.mktemp("bench") / "mask2former.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_mask2former.py"), "--quick", "--repeats", "1"]
+    command += ["--output", str(output), "--markdown"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| deform_lora_merged |" in proc.stdout and "| deform_lora_seq2 |" in proc.stdout  # markdown tables
+    return json.loads(output.read_text())
+
+
+def _check_timed_entry(entry: dict, reference: str) -> None:
+    for clock in ("wall", "cpu"):
+        assert len(entry[clock]["values_s"]) == 1
+        assert set(entry[clock]["time_s"]) == {"median", "q1", "q3", "min", "max"}
+        assert set(entry[clock]["ratio"]) == {"median", "q1", "q3", "min", "max"}
+    memory = entry["memory"]
+    assert set(memory) == {"static_bytes", "transient_peak_bytes", "peak_bytes", f"peak_ratio_vs_{reference}"}
+    assert memory["peak_bytes"] == memory["static_bytes"] + memory["transient_peak_bytes"] > 0
+
+
+def test_mask2former_benchmark_json_shape(mask2former_quick: dict) -> None:
+    meta = mask2former_quick["meta"]
+    assert meta["quick"] is True and meta["size"] == 64 and meta["repeats"] == 1 and meta["warmup"] == 1
+    for key in ("command", "date_utc", "machine", "versions", "batch_size", "memory_method", "wall_s"):
+        assert key in meta
+    assert meta["machine"]["torch_threads"] >= 1
+    assert set(meta["versions"]) >= {"torch", "transformers", "peft"}
+    results = mask2former_quick["results"]
+    assert set(results["parameters"]["parts"]) == {"backbone", "pixel_decoder", "transformer_decoder", "heads"}
+    assert sum(results["parameters"]["parts"].values()) == results["parameters"]["base"]
+
+    assert tuple(results["training"]) == MASK2FORMER_TRAINING
+    for entry in results["training"].values():
+        _check_timed_entry(entry, "full")
+        for key in ("trainable_parameters", "trainable_percent", "adapter_parameters", "total_parameters"):
+            assert key in entry
+    assert tuple(results["inference"]) == MASK2FORMER_INFERENCE
+    for entry in results["inference"].values():
+        _check_timed_entry(entry, "base")
+        assert entry["parameters"] > 0
+
+
+def test_mask2former_benchmark_trainable_shares(mask2former_quick: dict) -> None:
+    base = mask2former_quick["results"]["parameters"]["base"]
+    training = mask2former_quick["results"]["training"]
+    share = {name: entry["trainable_percent"] for name, entry in training.items()}
+    assert share["full"] == 100.0 and training["full"]["trainable_parameters"] == base
+    assert share["decoder"] < share["full"]
+    assert all(0 < share[name] < share["decoder"] for name in MASK2FORMER_PEFT)
+    counts = {name: training[name]["trainable_parameters"] for name in MASK2FORMER_PEFT}
+    assert counts["seq_adapter_3"] > counts["seq_adapter_2"] > counts["seq_adapter_1"]
+    for name in MASK2FORMER_PEFT:  # the share is of the base count: adapters and head copies are not counted in it
+        entry = training[name]
+        assert entry["adapter_parameters"] > 0
+        assert entry["trainable_parameters"] == entry["adapter_parameters"] + entry["modules_to_save_parameters"]
+        assert entry["total_parameters"] == base + entry["trainable_parameters"]
+        assert entry["trainable_percent"] == pytest.approx(100.0 * entry["trainable_parameters"] / base)
+
+
+def test_mask2former_benchmark_merged_lora_is_exact(mask2former_quick: dict) -> None:
+    base = mask2former_quick["results"]["parameters"]["base"]
+    inference = mask2former_quick["results"]["inference"]
+    merged = inference["deform_lora_merged"]
+    assert merged["max_abs_diff_vs_unmerged"] < 1e-4 and merged["merged_equals_unmerged"] is True
+    # Not trivial: the LoRA B matrices are random, so the unmerged model's outputs differ from the base model's.
+    assert inference["deform_lora"]["max_abs_diff_vs_base"] > 1e-3
+    assert merged["parameters"] == inference["base"]["parameters"] == base
+    assert inference["deform_lora"]["parameters"] > base and inference["seq_adapter_2"]["parameters"] > base
