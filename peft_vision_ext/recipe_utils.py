@@ -69,6 +69,31 @@ def run_training_args(
     )
 
 
+def train_with_trainer(
+    model: torch.nn.Module,
+    training_args: TrainingArguments,
+    dataset,
+    *,
+    collate_fn: Callable,
+    run_name: str,
+    learning_rate: float,
+    epochs: float,
+    label_names: Sequence[str] = ("labels",),
+) -> float:
+    """Train ``model`` in place with ``transformers.Trainer`` under :func:`run_training_args`; returns the seconds."""
+    import time
+
+    from transformers import Trainer
+
+    args = run_training_args(
+        training_args, run_name=run_name, learning_rate=learning_rate, epochs=epochs, label_names=label_names
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_fn)
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
 def accelerate_train(
     accelerator,
     model: torch.nn.Module,

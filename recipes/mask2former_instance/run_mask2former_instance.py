@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
-from transformers import Mask2FormerForUniversalSegmentation, Trainer, TrainingArguments, set_seed
+from transformers import Mask2FormerForUniversalSegmentation, TrainingArguments, set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
 from peft_vision_ext.adaptation import (
@@ -46,7 +46,7 @@ from peft_vision_ext.data import (
 )
 from peft_vision_ext.metrics import evaluate_instance_segmentation
 from peft_vision_ext.models import small_mask2former_config
-from peft_vision_ext.recipe_utils import parse_recipe_args, run_training_args
+from peft_vision_ext.recipe_utils import parse_recipe_args, train_with_trainer
 
 
 logger = logging.getLogger(__name__)
@@ -155,17 +155,16 @@ def load_split(domain: str, split: str, count: int, data_args: DataArguments, si
 
 
 def train(model, training_args, dataset, *, learning_rate, epochs, run_name):
-    args = run_training_args(
+    return train_with_trainer(
+        model,
         training_args,
+        dataset,
+        collate_fn=collate_instance_segmentation,
         run_name=run_name,
         learning_rate=learning_rate,
         epochs=epochs,
         label_names=["mask_labels", "class_labels"],
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_instance_segmentation)
-    start = time.perf_counter()
-    trainer.train()
-    return time.perf_counter() - start
 
 
 def mask_ap(model, dataset) -> dict:

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
 from peft_vision_ext import merge_mergeable, prune_mopeft
@@ -38,7 +38,7 @@ from peft_vision_ext.adaptation import (
 from peft_vision_ext.analysis import collect_gate_statistics, plot_gate_usage
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
 from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
-from peft_vision_ext.recipe_utils import parse_recipe_args, run_training_args
+from peft_vision_ext.recipe_utils import parse_recipe_args, train_with_trainer
 from peft_vision_ext.tuners.mopeft import MOPEFT_PRESETS
 
 
@@ -151,11 +151,15 @@ def load_split(domain: str, split: str, count: int, data_args: DataArguments, si
 
 
 def train(model, training_args, dataset, *, learning_rate, epochs, run_name):
-    args = run_training_args(training_args, run_name=run_name, learning_rate=learning_rate, epochs=epochs)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_segmentation)
-    start = time.perf_counter()
-    trainer.train()
-    return time.perf_counter() - start
+    return train_with_trainer(
+        model,
+        training_args,
+        dataset,
+        collate_fn=collate_segmentation,
+        run_name=run_name,
+        learning_rate=learning_rate,
+        epochs=epochs,
+    )
 
 
 def prepare(source: SamForSemanticSegmentation, method: str, peft_args: PeftArguments, **overrides):
