@@ -26,9 +26,9 @@ import numpy as np
 
 from .rocks import (
     _STYLES,
+    _check_dataset_arguments,
     _check_domain,
     _check_image_size,
-    _check_split,
     _is_int,
     _render_scene,
     _sample_seed,
@@ -124,13 +124,7 @@ def load_rock_instance_dataset(
     import datasets
     from PIL import Image
 
-    _check_domain(domain)
-    _check_split(split)
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"Invalid `num_samples`={num_samples!r}; expected an int >= 1.")
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"Invalid `seed`={seed!r}; expected a non-negative int.")
-    size = _check_image_size(image_size)
+    size = _check_dataset_arguments(domain, split, num_samples, image_size, seed)
 
     images, maps, classes = [], [], []
     for index in range(int(num_samples)):

@@ -346,6 +346,19 @@ def _check_image_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _check_dataset_arguments(
+    domain: str, split: str, num_samples: int, image_size: int | tuple[int, int], seed: int
+) -> tuple[int, int]:
+    """Validate the arguments every rock dataset loader takes; returns ``(height, width)``."""
+    _check_domain(domain)
+    _check_split(split)
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"Invalid `num_samples`={num_samples!r}; expected an int >= 1.")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"Invalid `seed`={seed!r}; expected a non-negative int.")
+    return _check_image_size(image_size)
+
+
 def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
     low, high = bounds
     # Always draws, even for a degenerate range, so a style's constants do not change how its stream is consumed.
@@ -768,13 +781,7 @@ def load_rock_dataset(
     import datasets
     from PIL import Image
 
-    _check_domain(domain)
-    _check_split(split)
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"Invalid `num_samples`={num_samples!r}; expected an int >= 1.")
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"Invalid `seed`={seed!r}; expected a non-negative int.")
-    size = _check_image_size(image_size)
+    size = _check_dataset_arguments(domain, split, num_samples, image_size, seed)
 
     images, labels = [], []
     for index in range(int(num_samples)):
