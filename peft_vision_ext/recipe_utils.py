@@ -223,6 +223,34 @@ def save_from_main_process(accelerator, model: torch.nn.Module, directory: str) 
     accelerator.wait_for_everyone()
 
 
+def pretrain_source_model(
+    accelerator,
+    model: torch.nn.Module,
+    dataset,
+    args,
+    directory: str,
+    *,
+    collate_fn: Callable,
+    scheduler: str = "linear",
+) -> None:
+    """The twins' source pretraining: :func:`accelerate_train` with ``args.pretrain_epochs``,
+    ``args.pretrain_learning_rate`` and ``args.per_device_train_batch_size``, then ``save_pretrained`` to
+    ``directory`` from the main process, and the prepared objects freed before adaptation."""
+    model, _ = accelerate_train(
+        accelerator,
+        model,
+        dataset,
+        collate_fn=collate_fn,
+        epochs=args.pretrain_epochs,
+        learning_rate=args.pretrain_learning_rate,
+        batch_size=args.per_device_train_batch_size,
+        desc="pretrain (source)",
+        scheduler=scheduler,
+    )
+    save_from_main_process(accelerator, model, directory)
+    accelerator.free_memory()
+
+
 def finish_accelerate_run(accelerator, model: torch.nn.Module, args, results: dict[str, Any]) -> dict[str, Any]:
     """End a twin run: optional per-rank state dump, the adapter saved to ``<output_dir>/<method>``, ``results.json``
     (with the method, domain and number of processes) written by the main process. Returns the results."""

@@ -44,7 +44,7 @@ from peft_vision_ext.recipe_utils import (
     accelerate_train,
     add_accelerate_arguments,
     finish_accelerate_run,
-    save_from_main_process,
+    pretrain_source_model,
     start_accelerate_run,
 )
 
@@ -117,18 +117,14 @@ def main(argv=None) -> dict:
             num_queries=args.num_queries,
             train_num_points=args.train_num_points,
         )
-        model, _ = accelerate_train(
+        pretrain_source_model(
             accelerator,
             Mask2FormerForUniversalSegmentation(config),
             split("source", "train", args.source_train_samples, True),
+            args,
+            source_dir,
             collate_fn=collate_instance_segmentation,
-            epochs=args.pretrain_epochs,
-            learning_rate=args.pretrain_learning_rate,
-            batch_size=args.per_device_train_batch_size,
-            desc="pretrain (source)",
         )
-        save_from_main_process(accelerator, model, source_dir)
-        accelerator.free_memory()
 
     # --- adaptation -------------------------------------------------------------------------------------------------
     set_seed(args.seed)

@@ -34,7 +34,7 @@ from peft_vision_ext.recipe_utils import (
     accelerate_train,
     add_accelerate_arguments,
     finish_accelerate_run,
-    save_from_main_process,
+    pretrain_source_model,
     start_accelerate_run,
 )
 from peft_vision_ext.tuners.mopeft import MOPEFT_PRESETS
@@ -104,19 +104,15 @@ def main(argv=None) -> dict:
             global_attn_indexes=args.global_attn_indexes,
             decoder_hidden_size=args.decoder_hidden_size,
         )
-        model, _ = accelerate_train(
+        pretrain_source_model(
             accelerator,
             SamForSemanticSegmentation(config),
             split("source", "train", args.source_train_samples, True),
+            args,
+            source_dir,
             collate_fn=collate_segmentation,
-            epochs=args.pretrain_epochs,
-            learning_rate=args.pretrain_learning_rate,
-            batch_size=args.per_device_train_batch_size,
-            desc="pretrain (source)",
             scheduler="cosine",
         )
-        save_from_main_process(accelerator, model, source_dir)
-        accelerator.free_memory()
 
     # --- adaptation -------------------------------------------------------------------------------------------------
     set_seed(args.seed)
