@@ -125,6 +125,29 @@ def test_block_matches_naive_reference(attn, image_size, window_size, gating):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("train_rel_pos", [False, True])
+def test_block_gradients_match_naive_reference(attn, train_rel_pos):
+    # With gradients the attention bias is assembled by autograd-recorded copies (no out= writes); the gradients of
+    # every MoPEFT parameter, of the input and (as under full fine-tuning) of the relative-position tables must be the
+    # reference's. Padded windows (10 tokens, window 4) and gated prefixes.
+    _, model = peft_sam(attn=attn, image_size=80, window_size=4)
+    layer = first_layer(model)
+    for table in (layer.base_layer.attn.rel_pos_h, layer.base_layer.attn.rel_pos_w):
+        table.requires_grad_(train_rel_pos)
+    params = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    assert any("mopeft_prefix" in n for n in params) and any("mopeft_gate" in n for n in params)
+    x = torch.randn(2, 10, 10, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    weights = torch.randn(2, 10, 10, 32, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for run in (layer, lambda inputs: naive_sam_block(layer, inputs)):
+        x.grad = None
+        loss = (run(x) * weights).sum()
+        grads.append(torch.autograd.grad(loss, [x, *params.values()]))
+    for name, got, expected in zip(["input", *params], *grads):
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-3), (name, (got - expected).abs().max())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @torch.no_grad()
 def test_prefix_gate_zero_is_the_original_attention(attn):
     base, model = peft_sam(attn=attn, use_lora=False, use_adapter=False)

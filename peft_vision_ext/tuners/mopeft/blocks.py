@@ -109,15 +109,13 @@ class SamBlock:
         heads = attn.num_attention_heads
 
         qkv = layer.add_lora_to_fused(attn.qkv(windows), windows, plan, repeats)  # (n, h, w, 3C)
-        qkv = qkv.reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv.reshape(3, n * heads, h * w, -1).unbind(0)  # (n*heads, N, hd)
-
-        rel_pos = None
-        if attn.use_rel_pos:
-            rel_pos = attn.get_decomposed_rel_pos(query, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
-            rel_pos = rel_pos.reshape(n, heads, h * w, h * w)
+        query, key, value = qkv.reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (n, heads, N, hd)
         prefix = layer.prefix_key_values(plan, n, repeats, heads, dtype=query.dtype)
-        output = _sam_attention(attn, query, key, value, rel_pos, prefix, n, heads)  # (n, N, C)
+        bias = _sam_attention_bias(attn, query, (h, w), prefix)  # (n, heads, N, L+N) or None
+        if prefix is not None:  # prefixes first, then the window's tokens: (n, heads, L+N, hd)
+            key = torch.cat([prefix[0].expand(n, -1, -1, -1), key], dim=2)
+            value = torch.cat([prefix[1].expand(n, -1, -1, -1), value], dim=2)
+        output = _sam_attention(attn, query, key, value, bias)  # (n, N, C)
         output = attn.proj(output.reshape(n, h, w, -1))
         if block.window_size > 0:
             output = block.window_unpartition(output, block.window_size, padding_shape, (height, width))
@@ -126,51 +124,68 @@ class SamBlock:
         return hidden_states + layer.adapt_ffn_output(ffn, plan)
 
 
+def _sam_attention_bias(
+    attn: nn.Module,
+    query: torch.Tensor,
+    size: tuple[int, int],
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+) -> torch.Tensor | None:
+    """The additive attention bias ``(n, heads, N, L+N)`` of a window batch: ``log G_P`` (or 0) in the ``L`` prefix
+    columns, SAM's decomposed relative-position bias in the ``N`` spatial columns (relative positions exist only
+    between spatial tokens). None when there is neither.
+
+    ``query``: ``(n, heads, N, hd)``; ``prefix``: keys ``(heads, L, hd)``, values, and the prefix logit bias
+    ``(n, 1, 1, L)`` or None. Both parts are written into one buffer, so the ``(n, heads, N, N)`` relative-position
+    bias is never built and then copied next to the prefix columns (without gradients the broadcast add writes it in
+    place).
+    """
+    n, heads, tokens, _ = query.shape
+    height, width = size
+    length = prefix[0].shape[1] if prefix is not None else 0
+    prefix_bias = prefix[2] if prefix is not None else None
+    if not attn.use_rel_pos and prefix_bias is None:
+        return None
+    bias = query.new_empty(n, heads, tokens, length + tokens)
+    spatial = bias[..., length:]  # (n, heads, N, N), a strided view of the buffer
+    if attn.use_rel_pos:
+        # SAM's get_decomposed_rel_pos, written into the buffer: bias[q, k] = rel_h[q, k_row] + rel_w[q, k_col].
+        grid = query.reshape(n * heads, height, width, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", grid, attn.get_rel_pos(height, height, attn.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", grid, attn.get_rel_pos(width, width, attn.rel_pos_w))
+        target = spatial.view(n * heads, height, width, height, width)
+        if torch.is_grad_enabled() and (rel_h.requires_grad or rel_w.requires_grad):  # out= records no autograd
+            target.copy_(rel_h[..., None] + rel_w[..., None, :])
+        else:
+            torch.add(rel_h[..., None], rel_w[..., None, :], out=target)
+    else:
+        spatial.zero_()
+    if length:
+        bias[..., :length] = prefix_bias.to(query.dtype) if prefix_bias is not None else 0.0
+    return bias
+
+
 def _sam_attention(
     attn: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rel_pos: torch.Tensor | None,
-    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
-    n: int,
-    heads: int,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """SAM's attention (eager or SDPA, as the module is configured) with optional prefixes.
+    """SAM's attention (eager or SDPA, as the module is configured) over keys that may start with prefixes.
 
-    ``query/key/value``: ``(n*heads, N, hd)``; ``rel_pos``: ``(n, heads, N, N)``; ``prefix``: keys and values
-    ``(n*heads, L, hd)`` and the prefix logit bias ``(n, 1, 1, L)`` (``log G_P``) or None. Returns ``(n, N, heads*hd)``.
+    ``query``: ``(n, heads, N, hd)``; ``key/value``: ``(n, heads, L+N, hd)``; ``bias``: ``(n, heads, N, L+N)`` or None
+    (see `_sam_attention_bias`). Returns ``(n, N, heads*hd)``.
     """
-    tokens = query.shape[1]
-    bias = rel_pos
-    if prefix is not None:
-        prefix_key, prefix_value, prefix_bias = prefix
-        key = torch.cat([prefix_key, key], dim=1)  # (n*heads, L+N, hd): prefixes first, then the window's tokens
-        value = torch.cat([prefix_value, value], dim=1)
-        length = prefix_key.shape[1]
-        if prefix_bias is not None or rel_pos is not None:
-            # Relative positions exist only between spatial tokens: prefix columns get log G_P (or 0) instead.
-            prefix_cols = (
-                prefix_bias.to(query.dtype).expand(n, heads, tokens, length)
-                if prefix_bias is not None
-                else query.new_zeros(n, heads, tokens, length)
-            )
-            spatial_cols = rel_pos if rel_pos is not None else query.new_zeros(n, heads, tokens, tokens)
-            bias = torch.cat([prefix_cols, spatial_cols], dim=-1)  # (n, heads, N, L+N)
+    n, _, tokens, _ = query.shape
     if type(attn).__name__.endswith("SdpaAttention"):  # transformers' SamVisionSdpaAttention
-        output = F.scaled_dot_product_attention(
-            query.view(n, heads, tokens, -1),
-            key.view(n, heads, key.shape[1], -1),
-            value.view(n, heads, value.shape[1], -1),
-            attn_mask=bias,
-        )  # (n, heads, N, hd)
-        return output.permute(0, 2, 1, 3).reshape(n, tokens, -1)
-    weights = (query * attn.scale) @ key.transpose(-2, -1)  # (n*heads, N, L+N)
-    if bias is not None:
-        weights = weights + bias.reshape_as(weights)
-    weights = torch.softmax(weights, dtype=torch.float32, dim=-1).to(query.dtype)
-    weights = F.dropout(weights, p=attn.dropout, training=attn.training)
-    output = (weights @ value).reshape(n, heads, tokens, -1)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (n, heads, N, hd)
+    else:
+        weights = (query * attn.scale) @ key.transpose(-2, -1)  # (n, heads, N, L+N)
+        if bias is not None:
+            weights = weights + bias
+        weights = torch.softmax(weights, dtype=torch.float32, dim=-1).to(query.dtype)
+        weights = F.dropout(weights, p=attn.dropout, training=attn.training)
+        output = weights @ value
     return output.permute(0, 2, 1, 3).reshape(n, tokens, -1)
 
 
@@ -245,10 +260,10 @@ def _vit_attention(
     batch_size, heads, tokens, _ = query.shape
     prefix = layer.prefix_key_values(plan, batch_size, 1, heads, dtype=query.dtype)
     if prefix is not None:
-        prefix_key, prefix_value, prefix_bias = prefix  # (B*heads, L, hd), (B, 1, 1, L)
+        prefix_key, prefix_value, prefix_bias = prefix  # (heads, L, hd), (B, 1, 1, L)
         length = prefix_key.shape[1]
-        key = torch.cat([prefix_key.view(batch_size, heads, length, -1), key], dim=2)
-        value = torch.cat([prefix_value.view(batch_size, heads, length, -1), value], dim=2)
+        key = torch.cat([prefix_key.expand(batch_size, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix_value.expand(batch_size, -1, -1, -1), value], dim=2)
         if prefix_bias is not None or attention_mask is not None:
             prefix_cols = (
                 prefix_bias.to(query.dtype).expand(batch_size, 1, tokens, length)

@@ -257,35 +257,27 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
     def add_lora_to_fused(
         self, fused: torch.Tensor, x: torch.Tensor, plan: dict, repeats: int, order: str = "qkv"
     ) -> torch.Tensor:
-        """``fused`` (the output of a fused projection such as SAM's ``qkv``, ``(rows, ..., len(order) * C)``) plus
-        the LoRA updates of its ``order`` slices, added with one ``addmm`` per adapter (no per-slice copies)."""
-        out_features = fused.shape[-1]
-        width = out_features // len(order)
+        """Add the LoRA updates of the ``order`` slices of a fused projection's output (SAM's ``qkv``: ``fused`` is
+        ``(rows, ..., len(order) * C)``) **in place**, one ``addmm_`` per target into its column slice: no update
+        tensor, no copy of ``fused``. ``fused`` must be the fresh output of the projection (nothing else holds it)."""
+        width = fused.shape[-1] // len(order)
+        flat = fused.view(-1, fused.shape[-1])  # the output of a linear layer: contiguous
         for settings, low, b in self._lora_inputs(x, plan, repeats):
             r = b.shape[2]
-            zeros = b.new_zeros(width, r)
-            # (len(order) * C, targets * r): B of target t in the rows of its slice and the columns of its rank block.
-            b_full = torch.cat(
-                [
-                    torch.cat(
-                        [b[i] if target == part else zeros for i, target in enumerate(settings["lora_targets"])], 1
-                    )
-                    for part in order
-                ]
-            )
-            flat = torch.addmm(
-                fused.reshape(-1, out_features),
-                low.reshape(-1, low.shape[-1]).to(fused.dtype),
-                b_full.t().to(fused.dtype),
-            )
-            fused = flat.view_as(fused)
+            low = low.reshape(-1, low.shape[-1]).to(fused.dtype)
+            for index, target in enumerate(settings["lora_targets"]):
+                part = order.index(target)
+                flat[:, part * width : (part + 1) * width].addmm_(
+                    low[:, index * r : (index + 1) * r], b[index].t().to(fused.dtype)
+                )
         return fused
 
     def prefix_key_values(
         self, plan: dict, rows: int, repeats: int, heads: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """Prefix keys and values ``(rows*heads, L, hd)`` for ``rows = B * repeats`` attention rows (windows), and the
-        prefix logit bias ``(rows, 1, 1, L)`` that holds ``log G_P`` (None when no prefix is gated)."""
+        """Prefix keys and values ``(heads, L, hd)`` (the same for every attention row: callers broadcast them, no
+        copy per window), and for ``rows = B * repeats`` attention rows (windows) the prefix logit bias
+        ``(rows, 1, 1, L)`` that holds ``log G_P`` (None when no prefix is gated). None without live prefixes."""
         keys, values, biases = [], [], []
         for name, gates in plan.items():
             if "prefix" not in gates or not self._live(name, "prefix"):
@@ -305,26 +297,34 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
                 biases.append(None)
         if not keys:
             return None
-        key = torch.cat(keys, dim=1)  # (heads, L_total, hd)
-        value = torch.cat(values, dim=1)
-        total = key.shape[1]
-        key = key.unsqueeze(0).expand(rows, -1, -1, -1).reshape(rows * heads, total, -1)
-        value = value.unsqueeze(0).expand(rows, -1, -1, -1).reshape(rows * heads, total, -1)
+        key = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)  # (heads, L_total, hd)
+        value = values[0] if len(values) == 1 else torch.cat(values, dim=1)
         if all(b is None for b in biases):
             return key, value, None
         parts = [b if b is not None else key.new_zeros(rows, 1, 1, k.shape[1]) for b, k in zip(biases, keys)]
-        return key, value, torch.cat(parts, dim=-1)
+        return key, value, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def adapt_ffn_output(self, ffn: torch.Tensor, plan: dict) -> torch.Tensor:
-        """``f + G_A * up(act(down(f)))`` for each active adapter, ``f`` the FFN output ``(B, ..., C)``."""
+        """``f + G_A * up(act(down(f)))`` for each active adapter, ``f`` the FFN output ``(B, ..., C)``. The gate
+        scales the ``D_mid``-wide bottleneck activation, ``G_A * up(h) = W_up (G_A h) + G_A b_up``, and one ``addmm``
+        adds the up-projection to ``f``; without gradients it is written **in place** into ``f`` (callers pass the
+        fresh FFN output)."""
         for name, gates in plan.items():
             if "adapter" not in gates or not self._live(name, "adapter"):
                 continue
             down, up = self.mopeft_adapter_down[name], self.mopeft_adapter_up[name]
             act = F.relu if self.mopeft_settings[name]["adapter_act"] == "relu" else F.gelu
-            update = up(act(down(ffn.to(down.weight.dtype)))).to(ffn.dtype)
+            hidden = act(down(ffn.to(down.weight.dtype))).to(ffn.dtype)  # (B, ..., D_mid)
             gate = self._per_row(gates["adapter"], 1, ffn.ndim)
-            ffn = ffn + (update if isinstance(gate, float) and gate == 1.0 else gate * update)
+            if not (isinstance(gate, float) and gate == 1.0):
+                hidden = hidden * gate
+            flat_hidden, weight = hidden.reshape(-1, hidden.shape[-1]), up.weight.t().to(ffn.dtype)
+            if torch.is_grad_enabled():  # the down-projection saved `ffn` for its weight gradient: no in-place update
+                ffn = torch.addmm(ffn.reshape(-1, ffn.shape[-1]), flat_hidden, weight).view_as(ffn)
+                ffn = ffn + up.bias.to(ffn.dtype) * gate
+            else:
+                ffn.view(-1, ffn.shape[-1]).addmm_(flat_hidden, weight)
+                ffn.add_(up.bias.to(ffn.dtype) * gate)
         return ffn
 
     def _has_live_work(self) -> bool:
