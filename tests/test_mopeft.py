@@ -298,6 +298,53 @@ def test_other_vit_encoders_train_and_telemetry(factory):
     assert len(gates.blocks) == 2 and gates.methods == ["lora", "prefix", "adapter"]
 
 
+@pytest.mark.parametrize(
+    "factory,inputs",
+    [(make_sam, {"labels": torch.randint(0, 3, (2, 80, 80))}), (make_vit, {}), (make_dinov2, {})],
+    ids=["sam", "vit", "dinov2"],
+)
+def test_gradient_checkpointing_recomputes_adapted_blocks(factory, inputs, monkeypatch):
+    # `gradient_checkpointing_enable()` arms transformers' GradientCheckpointingLayer blocks; MoPEFT runs the wrapped
+    # block's parts itself, so it must checkpoint that run: each adapted block runs twice per training step (forward,
+    # then the recompute in backward), the gradients are those without checkpointing, and eval is not checkpointed.
+    base = factory()
+    size = 80 if factory is make_sam else 32
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    runs = []
+
+    def step(model):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks in both runs (checkpointing replays the RNG state itself)
+        out = model(pixel_values=x, **inputs)
+        loss = out.loss if inputs else out.last_hidden_state.pow(2).mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # LoRA A and the adapter/gate/prefix linears draw from the global generator, as in peft
+        model = get_peft_model(copy.deepcopy(base), MoPEFTConfig(prefix_length=4, init_weights=False))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        layers = [m for m in model.modules() if isinstance(m, MoPEFTLayer)]
+        family = layers[0].family
+        original = family.run
+        monkeypatch.setattr(family, "run", lambda *a, _run=original, **k: runs.append(1) or _run(*a, **k))
+        runs.clear()
+        grads.append(step(model))
+        assert len(runs) == len(layers) * (2 if checkpointing else 1)
+        monkeypatch.undo()
+    assert grads[0].keys() == grads[1].keys() and any("mopeft_prefix" in n for n in grads[0])
+    for name, expected in grads[0].items():
+        assert torch.allclose(grads[1][name], expected, atol=1e-5 * expected.abs().max(), rtol=1e-4), name
+    runs.clear()
+    monkeypatch.setattr(family, "run", lambda *a, _run=original, **k: runs.append(1) or _run(*a, **k))
+    with torch.no_grad():
+        model.eval()(pixel_values=x)
+    assert len(runs) == len(layers)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad configurations
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -337,6 +338,13 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(hidden_states, *args, **kwargs)
         if not self._has_live_work():
             return self.base_layer(hidden_states, *args, **kwargs)
+        base = self.base_layer
+        if getattr(base, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            # `model.gradient_checkpointing_enable()` (or Trainer's `gradient_checkpointing=True`) armed the wrapped
+            # block (a transformers GradientCheckpointingLayer), but its checkpointed `forward` is not what runs here:
+            # the family runs the block's parts itself, so checkpoint that run with the block's own function
+            # (non-reentrant by default). Hidden states go positionally, as the reentrant variant needs.
+            return base._gradient_checkpointing_func(partial(self.family.run, self, **kwargs), hidden_states, *args)
         return self.family.run(self, hidden_states, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
