@@ -5,11 +5,13 @@ and peak memory relative to full fine-tuning, inference time relative to the bas
 peft LoRA on the same ``qkv`` layers.
 
 All variants are timed side by side in one process, interleaved round-robin with the order rotated every round (so
-drifts of the machine hit every variant alike); each figure is the median over ``--repeats`` rounds of the process
-CPU time (all threads) and wall time. Memory is the peak of tensor storages alive at once (CPU: counted by a dispatch mode; CUDA: the allocator).
+drifts of the machine hit every variant alike). Reported per variant: median [IQR] of the per-round ratios to the
+reference (the base model for inference, full fine-tuning for training), on process CPU time (all threads) and wall
+time. Memory is the peak of tensor storages alive at once (CPU: counted by a dispatch mode; CUDA: the allocator).
 
-    python benchmarks/bench_mopeft.py --size 256 --output benchmarks/results/mopeft_cpu.json
-    python benchmarks/bench_mopeft.py --size 1024 --device cuda --output benchmarks/results/mopeft_cuda.json
+    python benchmarks/bench_mopeft.py --size 256 --repeats 20 --output benchmarks/results/mopeft_cpu_256.json --markdown
+    python benchmarks/bench_mopeft.py --size 1024 --skip-training --output benchmarks/results/mopeft_cpu_1024.json
+    python benchmarks/bench_mopeft.py --size 1024 --device cuda --output benchmarks/results/mopeft_cuda_1024.json
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import date
 
@@ -31,7 +31,7 @@ from torch import nn
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_conv_adapter import measure_memory  # noqa: E402
+from bench_conv_adapter import interleaved_times, measure_memory, synchronizer, timing_report  # noqa: E402
 
 import peft_vision_ext  # noqa: E402,F401
 from peft_vision_ext import MoPEFTConfig  # noqa: E402
@@ -79,26 +79,6 @@ def trainable_share(model: nn.Module, total: int) -> float:
     return 100.0 * sum(p.numel() for p in model.parameters() if p.requires_grad) / total
 
 
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    cpu: dict[str, list[float]] = {k: [] for k in calls}
-    wall: dict[str, list[float]] = {k: [] for k in calls}
-    names = list(calls)
-    for round_index in range(repeats):
-        # Rotate the order every round, so that no variant always runs first (or right after the same neighbour).
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            call = calls[name]
-            c0, w0 = time.process_time(), time.perf_counter()
-            call()
-            w1, c1 = time.perf_counter(), time.process_time()
-            cpu[name].append(c1 - c0)
-            wall[name].append(w1 - w0)
-    return {k: {"cpu_s": statistics.median(cpu[k]), "wall_s": statistics.median(wall[k])} for k in calls}
-
-
 def inference_call(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def call():
         with torch.no_grad():
@@ -121,16 +101,86 @@ def training_call(model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
     return call, optimizer
 
 
+def paired_ratio(report: dict, name: str, reference: str) -> dict[str, dict[str, float]]:
+    """Median [IQR] of the per-round ratios ``name / reference`` (both timed in the same rounds), per clock."""
+    from bench_conv_adapter import summarize
+
+    return {
+        clock: summarize(
+            [a / b for a, b in zip(report[name][clock]["values_s"], report[reference][clock]["values_s"])]
+        )
+        for clock in ("cpu", "wall")
+    }
+
+
+def _ratio(entry: dict, clock: str = "cpu") -> str:
+    ratio = entry[clock]["ratio"]
+    return f"{ratio['median']:.2f} [{ratio['q1']:.2f}-{ratio['q3']:.2f}]"
+
+
+ROWS = (
+    ("full_ft", "Full fine-tuning"),
+    ("decoder_ft", "Decoder fine-tuning"),
+    ("lora", "LoRA (q, v; r=8)"),
+    ("vpt", "VPT (L=20, first block)"),
+    ("vpt_deep", "VPT-deep (L=20)"),
+    ("adapter", "Adapter (D_mid=64)"),
+    ("mopeft", "MoPEFT (all three, gated)"),
+    ("mopeft_grad_ckpt", "MoPEFT + gradient checkpointing"),
+    ("mopeft_frozen_gates_lora_merged", "MoPEFT, gates frozen + LoRA merged, nothing pruned"),
+    ("mopeft_pruned_to_lora_merged", "MoPEFT pruned to LoRA (prefix/adapter gates closed) + merged"),
+    ("lora_merged", "LoRA merged"),
+    ("stock_peft_lora_qkv", "stock peft LoRA on the whole `qkv` (r=8)"),
+)
+
+
+def to_markdown(result: dict) -> str:
+    """The table of BENCHMARKS.md: ratios are median [IQR] of per-round ratios, process CPU time."""
+    training = result.get("training", {})
+    inference = result["inference"]
+    lines = [
+        "| Method | trainable % (encoder only) | trainable % (+ mask decoder) | train step time / full FT "
+        "| train peak memory / full FT | inference time / base |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in ROWS:
+        if key not in training and key not in inference:
+            continue
+        share = result["trainable_percent"].get(key)
+        with_decoder = result["trainable_percent_with_decoder"].get(key)
+        cells = [
+            label,
+            "" if share is None else f"{share:.2f}",
+            "" if with_decoder is None else f"{with_decoder:.2f}",
+            _ratio(training[key]) if key in training else "",
+            f"{training[key]['memory']['peak_ratio_vs_full']:.2f}" if key in training else "",
+            _ratio(inference[key]) if key in inference else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    pairs = [("inference", result["lora_vs_stock_peft_inference"])]
+    if "lora_vs_stock_peft_training" in result:
+        pairs.append(("training", result["lora_vs_stock_peft_training"]))
+    lines.append("")
+    for what, ratio in pairs:
+        cpu = ratio["cpu"]
+        lines.append(
+            f"Our LoRA / stock peft LoRA, {what}: {cpu['median']:.2f} [{cpu['q1']:.2f}-{cpu['q3']:.2f}] (CPU time)"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="input size (SAM uses 1024)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved inference rounds")
+    parser.add_argument("--train-repeats", type=int, default=None, help="training rounds (default: repeats // 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--output", default=None)
     parser.add_argument("--quick", action="store_true", help="a small SAM instead of ViT-B (smoke test)")
+    parser.add_argument("--markdown", action="store_true", help="also print the markdown table of BENCHMARKS.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     base = build_base(args.size, args.attn, args.quick).to(device)
@@ -188,22 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
     }
     result["trainable_percent"]["stock_peft_lora_qkv"] = trainable_share(models["stock_peft_lora_qkv"], total)
+    decoder = sum(p.numel() for p in base.mask_decoder.parameters())
+    result["trainable_percent_with_decoder"] |= {"full_ft": 100.0, "decoder_ft": 100.0 * decoder / total}
 
+    sync = synchronizer(device)
     calls = {"base": inference_call(base, x)} | {name: inference_call(m, x) for name, m in models.items()}
-    timings = interleaved(calls, args.repeats)
-    result["inference"] = {
-        name: {
-            **t,
-            "cpu_ratio_vs_base": t["cpu_s"] / timings["base"]["cpu_s"],
-            "wall_ratio_vs_base": t["wall_s"] / timings["base"]["wall_s"],
-        }
-        for name, t in timings.items()
-    }
-    ours, stock = timings["lora"], timings["stock_peft_lora_qkv"]
-    result["lora_vs_stock_peft_inference"] = {
-        "cpu": ours["cpu_s"] / stock["cpu_s"],
-        "wall": ours["wall_s"] / stock["wall_s"],
-    }
+    for call in calls.values():  # warm-up
+        call()
+    result["inference"] = timing_report(interleaved_times(calls, args.repeats, sync), "base")
+    result["lora_vs_stock_peft_inference"] = paired_ratio(result["inference"], "lora", "stock_peft_lora_qkv")
 
     if not args.skip_training:
         train_models = {"full_ft": copy.deepcopy(base).requires_grad_(True)}
@@ -211,6 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_models["decoder_ft"].mask_decoder.requires_grad_(True)
         for name in METHODS:
             train_models[name] = get_peft_model(copy.deepcopy(base), MoPEFTConfig(**METHODS[name])).to(device)
+        # MoPEFT with transformers' gradient checkpointing of the encoder blocks (`gradient_checkpointing=True` in
+        # TrainingArguments): memory for recomputation.
+        train_models["mopeft_grad_ckpt"] = get_peft_model(copy.deepcopy(base), MoPEFTConfig(**METHODS["mopeft"]))
+        train_models["mopeft_grad_ckpt"].gradient_checkpointing_enable()
         train_models["stock_peft_lora_qkv"] = get_peft_model(
             copy.deepcopy(base),
             LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["mask_decoder"]),
@@ -220,27 +267,21 @@ def main(argv: list[str] | None = None) -> dict:
             model.to(device)
             step, optimizer = training_call(model, x, labels)
             step()  # creates the optimizer state, so memory below is a steady-state step
+            optimizer.zero_grad(set_to_none=True)  # the step frees old gradients before making new ones
             memory[name], _ = measure_memory(step, device, model, optimizer, [x, labels])
             steps[name] = step
-        train_timings = interleaved(steps, max(2, args.repeats // 2), warmup=0)
-        full = train_timings["full_ft"]
-        result["training"] = {
-            name: {
-                **t,
-                "cpu_ratio_vs_full": t["cpu_s"] / full["cpu_s"],
-                "wall_ratio_vs_full": t["wall_s"] / full["wall_s"],
-                "peak_bytes": memory[name]["peak_bytes"],
+        rounds = args.train_repeats or max(2, args.repeats // 2)
+        result["training"] = timing_report(interleaved_times(steps, rounds, sync), "full_ft")
+        for name, entry in result["training"].items():
+            entry["memory"] = {
+                **memory[name],
                 "peak_ratio_vs_full": memory[name]["peak_bytes"] / memory["full_ft"]["peak_bytes"],
             }
-            for name, t in train_timings.items()
-        }
-        ours, stock = train_timings["lora"], train_timings["stock_peft_lora_qkv"]
-        result["lora_vs_stock_peft_training"] = {
-            "cpu": ours["cpu_s"] / stock["cpu_s"],
-            "wall": ours["wall_s"] / stock["wall_s"],
-        }
+        result["lora_vs_stock_peft_training"] = paired_ratio(result["training"], "lora", "stock_peft_lora_qkv")
     text = json.dumps(result, indent=2)
     print(text)
+    if args.markdown:
+        print(to_markdown(result))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:

@@ -102,7 +102,7 @@ def test_mopeft_benchmark_quick_runs_and_prunes_to_a_merged_model(tmp_path) -> N
     and the closed-gates scenario really prunes prefix and adapter everywhere and merges back to the plain model."""
     output = tmp_path / "mopeft.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_mopeft.py"), "--quick", "--size", "64"]
-    command += ["--repeats", "1", "--output", str(output)]
+    command += ["--repeats", "1", "--output", str(output), "--markdown"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(output.read_text())
@@ -112,8 +112,11 @@ def test_mopeft_benchmark_quick_runs_and_prunes_to_a_merged_model(tmp_path) -> N
     assert all(0 < shares[m] < 100 for m in methods)
     assert shares["vpt"] < shares["vpt_deep"] and shares["lora"] < shares["mopeft"]
     assert set(result["inference"]) >= {"base", *methods, "stock_peft_lora_qkv", "mopeft_pruned_to_lora_merged"}
-    assert all(entry["cpu_s"] > 0 for entry in result["inference"].values())
-    assert set(result["training"]) >= {"full_ft", "decoder_ft", *methods, "stock_peft_lora_qkv"}
+    assert all(entry["cpu"]["time_s"]["median"] > 0 for entry in result["inference"].values())
+    assert result["inference"]["base"]["cpu"]["ratio"]["median"] == 1.0
+    assert set(result["training"]) >= {"full_ft", "decoder_ft", *methods, "mopeft_grad_ckpt", "stock_peft_lora_qkv"}
+    assert all(entry["memory"]["peak_bytes"] > 0 for entry in result["training"].values())
+    assert "| MoPEFT (all three, gated) |" in proc.stdout  # --markdown
     closed = result["prune_reports"]["mopeft_pruned_to_lora_merged"]
     assert closed["fully_merged"] is True
     assert all(sorted(dropped) == ["adapter", "prefix"] for dropped in closed["pruned"].values())
