@@ -109,7 +109,9 @@ class SamBlock:
         heads = attn.num_attention_heads
 
         qkv = layer.add_lora_to_fused(attn.qkv(windows), windows, plan, repeats)  # (n, h, w, 3C)
-        query, key, value = qkv.reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (n, heads, N, hd)
+        # As SAM's attention: one contiguous (3, n, heads, N, hd) copy, so q, k and v are dense.
+        qkv = qkv.reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, n, heads, h * w, -1)
+        query, key, value = qkv.unbind(0)  # each (n, heads, N, hd)
         prefix = layer.prefix_key_values(plan, n, repeats, heads, dtype=query.dtype)
         bias = _sam_attention_bias(attn, query, (h, w), prefix)  # (n, heads, N, L+N) or None
         if prefix is not None:  # prefixes first, then the window's tokens: (n, heads, L+N, hd)
@@ -135,9 +137,8 @@ def _sam_attention_bias(
     between spatial tokens). None when there is neither.
 
     ``query``: ``(n, heads, N, hd)``; ``prefix``: keys ``(heads, L, hd)``, values, and the prefix logit bias
-    ``(n, 1, 1, L)`` or None. Both parts are written into one buffer, so the ``(n, heads, N, N)`` relative-position
-    bias is never built and then copied next to the prefix columns (without gradients the broadcast add writes it in
-    place).
+    ``(n, 1, 1, L)`` or None. At inference both parts are written into one buffer, so the ``(n, heads, N, N)``
+    relative-position bias is never built and then copied next to the prefix columns.
     """
     n, heads, tokens, _ = query.shape
     height, width = size
@@ -145,18 +146,35 @@ def _sam_attention_bias(
     prefix_bias = prefix[2] if prefix is not None else None
     if not attn.use_rel_pos and prefix_bias is None:
         return None
-    bias = query.new_empty(n, heads, tokens, length + tokens)
-    spatial = bias[..., length:]  # (n, heads, N, N), a strided view of the buffer
     if attn.use_rel_pos:
-        # SAM's get_decomposed_rel_pos, written into the buffer: bias[q, k] = rel_h[q, k_row] + rel_w[q, k_col].
+        # SAM's get_decomposed_rel_pos: bias[q, k] = rel_h[q, k_row] + rel_w[q, k_col].
         grid = query.reshape(n * heads, height, width, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", grid, attn.get_rel_pos(height, height, attn.rel_pos_h))
         rel_w = torch.einsum("bhwc,wkc->bhwk", grid, attn.get_rel_pos(width, width, attn.rel_pos_w))
-        target = spatial.view(n * heads, height, width, height, width)
-        if torch.is_grad_enabled() and (rel_h.requires_grad or rel_w.requires_grad):  # out= records no autograd
-            target.copy_(rel_h[..., None] + rel_w[..., None, :])
-        else:
-            torch.add(rel_h[..., None], rel_w[..., None, :], out=target)
+    if torch.is_grad_enabled() and (
+        (attn.use_rel_pos and (rel_h.requires_grad or rel_w.requires_grad))
+        or (prefix_bias is not None and prefix_bias.requires_grad)
+    ):
+        # Training: a concatenation, whose backward only slices the bias gradient (in-place writes into a buffer
+        # would make autograd copy the whole (n, heads, N, L+N) gradient once per write).
+        spatial = (
+            (rel_h.contiguous()[..., None] + rel_w.contiguous()[..., None, :]).view(n, heads, tokens, tokens)
+            if attn.use_rel_pos
+            else query.new_zeros(n, heads, tokens, tokens)
+        )
+        if not length:
+            return spatial
+        prefix_cols = (
+            prefix_bias.to(query.dtype).expand(n, heads, tokens, length)
+            if prefix_bias is not None
+            else query.new_zeros(n, heads, tokens, length)
+        )
+        return torch.cat([prefix_cols, spatial], dim=-1)
+    # Inference: both parts written into one buffer, the relative positions by the broadcast add itself.
+    bias = query.new_empty(n, heads, tokens, length + tokens)
+    spatial = bias[..., length:]  # (n, heads, N, N), a strided view of the buffer
+    if attn.use_rel_pos:
+        torch.add(rel_h[..., None], rel_w[..., None, :], out=spatial.view(n * heads, height, width, height, width))
     else:
         spatial.zero_()
     if length:

@@ -258,20 +258,33 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
     def add_lora_to_fused(
         self, fused: torch.Tensor, x: torch.Tensor, plan: dict, repeats: int, order: str = "qkv"
     ) -> torch.Tensor:
-        """Add the LoRA updates of the ``order`` slices of a fused projection's output (SAM's ``qkv``: ``fused`` is
-        ``(rows, ..., len(order) * C)``) **in place**, one ``addmm_`` per target into its column slice: no update
-        tensor, no copy of ``fused``. ``fused`` must be the fresh output of the projection (nothing else holds it)."""
+        """``fused`` (the fresh output of a fused projection such as SAM's ``qkv``, ``(rows, ..., len(order) * C)``)
+        plus the LoRA updates of its ``order`` slices.
+
+        Without gradients the updates are added **in place**, one ``addmm_`` per target into its column slice (no
+        update tensor, no copy of ``fused``). With gradients, one out-of-place ``addmm`` per adapter with ``B`` placed
+        in the rows of its slice: in-place writes into slices would make autograd copy the whole gradient per write.
+        """
         width = fused.shape[-1] // len(order)
         flat = fused.view(-1, fused.shape[-1])  # the output of a linear layer: contiguous
         for settings, low, b in self._lora_inputs(x, plan, repeats):
             r = b.shape[2]
             low = low.reshape(-1, low.shape[-1]).to(fused.dtype)
-            for index, target in enumerate(settings["lora_targets"]):
+            targets = settings["lora_targets"]
+            if torch.is_grad_enabled():
+                zeros = b.new_zeros(width, r)
+                # (len(order) * C, targets * r): B of target t in the rows of its slice, the columns of its rank block.
+                b_full = torch.cat(
+                    [torch.cat([b[i] if t == part else zeros for i, t in enumerate(targets)], 1) for part in order]
+                )
+                flat = torch.addmm(flat, low, b_full.t().to(fused.dtype))
+                continue
+            for index, target in enumerate(targets):
                 part = order.index(target)
                 flat[:, part * width : (part + 1) * width].addmm_(
                     low[:, index * r : (index + 1) * r], b[index].t().to(fused.dtype)
                 )
-        return fused
+        return flat.view_as(fused)
 
     def prefix_key_values(
         self, plan: dict, rows: int, repeats: int, heads: int, dtype: torch.dtype
