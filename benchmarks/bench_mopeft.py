@@ -257,7 +257,12 @@ def main(argv: list[str] | None = None) -> dict:
         # MoPEFT with transformers' gradient checkpointing of the encoder blocks (`gradient_checkpointing=True` in
         # TrainingArguments): memory for recomputation.
         train_models["mopeft_grad_ckpt"] = get_peft_model(copy.deepcopy(base), MoPEFTConfig(**METHODS["mopeft"]))
-        train_models["mopeft_grad_ckpt"].gradient_checkpointing_enable()
+        checkpointed = train_models["mopeft_grad_ckpt"]
+        # transformers >= 5.23 calls it activation_checkpointing_enable (the old name warns); 4.x has the old name.
+        (
+            getattr(checkpointed, "activation_checkpointing_enable", None)
+            or checkpointed.gradient_checkpointing_enable
+        )()
         train_models["stock_peft_lora_qkv"] = get_peft_model(
             copy.deepcopy(base),
             LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["mask_decoder"]),
