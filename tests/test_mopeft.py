@@ -340,6 +340,11 @@ def test_gradient_checkpointing_recomputes_adapted_blocks(factory, inputs, monke
     assert grads[0].keys() == grads[1].keys() and any("mopeft_prefix" in n for n in grads[0])
     for name, expected in grads[0].items():
         assert torch.allclose(grads[1][name], expected, atol=1e-5 * expected.abs().max(), rtol=1e-4), name
+    # Gate telemetry during a checkpointed training step counts each image once per block (not again when the
+    # backward pass recomputes the block).
+    with collect_gate_statistics(model) as gates:
+        step(model)
+    assert all(stats["count"] == 2 for block in gates.summary().values() for stats in block.values())
     runs.clear()
     monkeypatch.setattr(family, "run", lambda *a, _run=original, **k: runs.append(1) or _run(*a, **k))
     with torch.no_grad():

@@ -21,7 +21,6 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -344,6 +343,24 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
     def _has_live_work(self) -> bool:
         return any(any(self._live(name, m) for m in self.mopeft_settings[name]["live"]) for name in self._active())
 
+    def _checkpointed_run(self, kwargs: dict[str, Any]) -> Callable[..., torch.Tensor]:
+        """The family run for a checkpoint function. It runs again in backward (recomputation); gate telemetry
+        records the forward's gates only, so the recomputation runs without the recorder."""
+        calls = 0
+
+        def run(hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            recorder = self._gate_recorder
+            if calls > 1:
+                self._gate_recorder = None
+            try:
+                return self.family.run(self, hidden_states, *args, **kwargs)
+            finally:
+                self._gate_recorder = recorder
+
+        return run
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -357,7 +374,7 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
             # block (a transformers GradientCheckpointingLayer), but its checkpointed `forward` is not what runs here:
             # the family runs the block's parts itself, so checkpoint that run with the block's own function
             # (non-reentrant by default). Hidden states go positionally, as the reentrant variant needs.
-            return base._gradient_checkpointing_func(partial(self.family.run, self, **kwargs), hidden_states, *args)
+            return base._gradient_checkpointing_func(self._checkpointed_run(kwargs), hidden_states, *args)
         return self.family.run(self, hidden_states, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
