@@ -1,11 +1,19 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""Loss and output packing shared by the semantic-segmentation models of this package."""
+"""Input check, loss and output packing shared by the semantic-segmentation models of this package."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import SemanticSegmenterOutput
+
+
+def check_pixel_values(pixel_values: torch.Tensor, channels: int) -> None:
+    """Refuse ``pixel_values`` that are not ``(batch, channels, height, width)``, naming the shape received."""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"`pixel_values` must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
+        )
 
 
 def semantic_segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

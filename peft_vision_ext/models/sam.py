@@ -28,7 +28,7 @@ from transformers.models.sam.modeling_sam import (
     SamVisionEncoder,
 )
 
-from ._outputs import segmenter_output, semantic_segmentation_loss
+from ._outputs import check_pixel_values, segmenter_output, semantic_segmentation_loss
 
 
 # Decoder tensors whose shape depends on the number of classes (one mask token and one hypernetwork MLP per class).
@@ -170,11 +170,7 @@ class SamForSemanticSegmentation(SamPreTrainedModel):
             labels: ``(batch, height', width')`` class indices; logits are resized to the label size for the loss.
                 Pixels equal to ``config.semantic_loss_ignore_index`` (default 255) are ignored.
         """
-        channels = self.config.vision_config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"`pixel_values` must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
-            )
+        check_pixel_values(pixel_values, self.config.vision_config.num_channels)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         batch_size = pixel_values.shape[0]
         input_size = tuple(pixel_values.shape[-2:])

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from ._outputs import segmenter_output, semantic_segmentation_loss
+from ._outputs import check_pixel_values, segmenter_output, semantic_segmentation_loss
 
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -231,11 +231,7 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             labels: ``(batch, height', width')`` class indices; logits are upsampled to the label size for the loss.
                 Pixels equal to ``config.semantic_loss_ignore_index`` are ignored.
         """
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"`pixel_values` must have shape (batch, {self.config.in_channels}, height, width), got "
-                f"{tuple(pixel_values.shape)}."
-            )
+        check_pixel_values(pixel_values, self.config.in_channels)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_size = tuple(pixel_values.shape[-2:])
         features = self.encoder(pixel_values)
