@@ -31,7 +31,13 @@ from torch import nn
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_conv_adapter import interleaved_times, measure_memory, synchronizer, timing_report  # noqa: E402
+from bench_conv_adapter import (  # noqa: E402
+    interleaved_times,
+    measure_memory,
+    summarize,
+    synchronizer,
+    timing_report,
+)
 
 import peft_vision_ext  # noqa: E402,F401
 from peft_vision_ext import MoPEFTConfig  # noqa: E402
@@ -103,8 +109,6 @@ def training_call(model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
 
 def paired_ratio(report: dict, name: str, reference: str) -> dict[str, dict[str, float]]:
     """Median [IQR] of the per-round ratios ``name / reference`` (both timed in the same rounds), per clock."""
-    from bench_conv_adapter import summarize
-
     return {
         clock: summarize(
             [a / b for a, b in zip(report[name][clock]["values_s"], report[reference][clock]["values_s"])]
