@@ -310,12 +310,12 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
                 biases.append(None)
         if not keys:
             return None
-        key = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)  # (heads, L_total, hd)
-        value = values[0] if len(values) == 1 else torch.cat(values, dim=1)
+        key = torch.cat(keys, dim=1)  # (heads, L_total, hd)
+        value = torch.cat(values, dim=1)
         if all(b is None for b in biases):
             return key, value, None
         parts = [b if b is not None else key.new_zeros(rows, 1, 1, k.shape[1]) for b, k in zip(biases, keys)]
-        return key, value, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return key, value, torch.cat(parts, dim=-1)
 
     def adapt_ffn_output(self, ffn: torch.Tensor, plan: dict) -> torch.Tensor:
         """``f + G_A * up(act(down(f)))`` for each active adapter, ``f`` the FFN output ``(B, ..., C)``. The gate
