@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..tuners.conv_adapter import ConvAdapterConfig, ConvAdapterLayer
-from .io import check_adapter_dir
+from .._files import check_adapter_dir
 
 
 SCORES = ("z", "rms", "relative")

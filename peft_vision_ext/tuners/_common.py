@@ -4,12 +4,14 @@ exclusion matching and the checkpoint-fits-model check."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
 import torch
 from torch import nn
 
+from .._files import check_adapter_dir
 from ..hub import update_model_card
 
 
@@ -43,8 +45,6 @@ class CheckedLoadingMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        from ..analysis.io import check_adapter_dir
-
         path = pretrained_model_name_or_path
         if subfolder:
             path = os.path.join(path, subfolder)
@@ -78,7 +78,8 @@ def check_adapter_fits(
     remedy: str,
 ) -> None:
     """Raise a ``ValueError`` naming the tensors if a checkpoint (keys already remapped to the model) misses adapter
-    tensors of ``layer_cls`` layers (a class or a tuple of them), or holds tensors of the wrong shape. peft would otherwise load it partially or
+    tensors of ``layer_cls`` layers (a class or a tuple of them), holds tensors that match nothing in the model, or
+    holds tensors of the wrong shape. peft loads non-strictly: it would otherwise drop or skip them without a word, or
     fail with a bare size-mismatch error."""
     model_state = model.state_dict()
     expected = []
@@ -95,14 +96,25 @@ def check_adapter_fits(
             else:
                 expected += [f"{module_name}.{attr}.{adapter_name}.{key}" for key in item.state_dict()]
     missing = [key for key in expected if key not in remapped]
+    # A stored tensor that finds no place in the model would be dropped by peft's non-strict load without a word.
+    unexpected = [
+        key
+        for key in remapped
+        if key not in model_state and key.removeprefix("base_model.model.") not in model_state
+    ]
     mismatched = [
         f"`{key}`: checkpoint {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
         for key, value in remapped.items()
         if key in model_state and tuple(value.shape) != tuple(model_state[key].shape)
     ]
-    if not (missing or mismatched):
+    if not (missing or mismatched or unexpected):
         return
     problems = []
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} stored tensor(s) match no module of this model, e.g. "
+            + ", ".join(f"`{key}`" for key in unexpected[:3])
+        )
     if mismatched:
         problems.append(f"{len(mismatched)} tensor(s) have the wrong shape, e.g. " + "; ".join(mismatched[:3]))
     if missing:

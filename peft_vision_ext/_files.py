@@ -1,5 +1,8 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""Reading and checking adapter directories on disk."""
+"""Reading, checking and safely writing directories on disk.
+
+This module sits at the bottom of the package (beside ``_registry``): tuners, analysis, the runner and the CLI all use
+it, and it imports none of them."""
 
 from __future__ import annotations
 
