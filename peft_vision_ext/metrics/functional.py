@@ -19,6 +19,12 @@ from typing import Any
 
 import numpy as np
 
+# The label rules are shared with the models' loss; the underscored names are this module's historical API.
+from peft_vision_ext._labels import check_ignore_index as _check_ignore_index
+from peft_vision_ext._labels import check_num_labels as _check_num_labels
+from peft_vision_ext._labels import describe as _describe
+from peft_vision_ext._labels import is_integer_dtype, non_integer_labels_error, out_of_range_error
+
 
 __all__ = [
     "ConfusionMatrix",
@@ -31,15 +37,6 @@ __all__ = [
 # and then counted with one ``np.bincount``: lists of small masks (or of scalars) do not pay one ``num_labels**2``
 # histogram each, and big arrays do not need several full-size int64 temporaries.
 _CHUNK_PIXELS = 1 << 20
-
-
-def _describe(value: Any) -> str:
-    """Short description of a received value for error messages (shapes, not contents, of big arrays)."""
-    shape = getattr(value, "shape", None)
-    if shape is not None:
-        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {getattr(value, 'dtype', '?')}"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _to_numpy(value: Any, name: str) -> np.ndarray:
@@ -60,39 +57,9 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         ) from None
     if array.dtype.kind == "b":
         return array.astype(np.uint8)
-    if array.dtype.kind not in "iu":
-        raise TypeError(
-            f"`{name}` must hold integer class ids, got {_describe(array)}. If these are logits or probabilities, "
-            f"take the argmax over the class axis first (e.g. `logits.argmax(1)`); if they are whole numbers stored "
-            f"as floats, cast them with `.astype(np.int64)`."
-        )
+    if not is_integer_dtype(array.dtype):
+        raise non_integer_labels_error(name, array, ".astype(np.int64)")
     return array
-
-
-def _check_num_labels(num_labels: Any) -> int:
-    """Validate ``num_labels`` (a positive int; bools are refused because ``True`` is easily passed by mistake)."""
-    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)):
-        raise TypeError(
-            f"`num_labels` must be an int (the number of classes), got {num_labels!r} of type "
-            f"{type(num_labels).__name__}. Pass e.g. `num_labels=len(id2label)`."
-        )
-    if num_labels < 1:
-        raise ValueError(
-            f"`num_labels` must be >= 1 (the number of classes), got {num_labels}. Pass e.g. `num_labels=len(id2label)`."
-        )
-    return int(num_labels)
-
-
-def _check_ignore_index(ignore_index: Any) -> int | None:
-    """Validate ``ignore_index`` (``None`` or an int)."""
-    if ignore_index is None:
-        return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(
-            f"`ignore_index` must be an int or None, got {ignore_index!r} of type {type(ignore_index).__name__}. "
-            f"Use e.g. `ignore_index=255`, or `ignore_index=None` to count every pixel."
-        )
-    return int(ignore_index)
 
 
 def _is_batch_list(value: Any) -> bool:
@@ -134,12 +101,7 @@ def _checked_codes(
     # min/max are one pass each and tell us whether there is anything to report; the slower np.unique only runs
     # to build the error message.
     if ref.min() < 0 or ref.max() >= num_labels:
-        bad = np.unique(ref[(ref < 0) | (ref >= num_labels)])[:10].tolist()
-        ignored = "" if ignore_index is None else f" or the ignore value {ignore_index}"
-        raise ValueError(
-            f"`references{where}` holds class ids outside [0, {num_labels}){ignored}: {bad}. Check `num_labels` "
-            f"(got {num_labels}) and `ignore_index` (got {ignore_index}), or remap these labels first."
-        )
+        raise out_of_range_error(f"references{where}", ref, num_labels, ignore_index)
     # Predictions are only checked where they are counted: ignored pixels (e.g. the -100 padding the Trainer adds)
     # cannot change any metric.
     if pred.min() < 0 or pred.max() >= num_labels:

@@ -28,11 +28,22 @@ from transformers.models.sam.modeling_sam import (
     SamVisionEncoder,
 )
 
-from ._outputs import check_pixel_values, segmenter_output, semantic_segmentation_loss
+from ._outputs import (
+    check_labels,
+    check_loss_ignore_index,
+    check_pixel_values,
+    check_segmentation_num_labels,
+    segmenter_output,
+    semantic_segmentation_loss,
+)
 
 
 # Decoder tensors whose shape depends on the number of classes (one mask token and one hypernetwork MLP per class).
 CLASS_DEPENDENT_KEYS = ("mask_decoder.mask_tokens.", "mask_decoder.iou_prediction_head.proj_out.")
+
+# `SamConfig` has no `semantic_loss_ignore_index`; set one on the config (`SamConfig(semantic_loss_ignore_index=...)`)
+# to change this.
+DEFAULT_IGNORE_INDEX = 255
 
 
 def _check_config(config: SamConfig) -> None:
@@ -41,8 +52,8 @@ def _check_config(config: SamConfig) -> None:
             f"SamForSemanticSegmentation needs a transformers `SamConfig`, got {type(config).__name__}. Build one "
             "with `SamConfig(num_labels=K, vision_config={...})` or load it with `SamConfig.from_pretrained(...)`."
         )
-    if not isinstance(config.num_labels, int) or config.num_labels < 1:
-        raise ValueError(f"`num_labels` must be a positive int, got {config.num_labels!r}.")
+    check_segmentation_num_labels(config.num_labels)
+    check_loss_ignore_index(getattr(config, "semantic_loss_ignore_index", DEFAULT_IGNORE_INDEX))
     vision = config.vision_config
     if vision.image_size % vision.patch_size:
         raise ValueError(
@@ -166,11 +177,15 @@ class SamForSemanticSegmentation(SamPreTrainedModel):
     ) -> SemanticSegmenterOutput | tuple:
         """
         Args:
-            pixel_values: ``(batch, num_channels, height, width)`` images, any height and width.
-            labels: ``(batch, height', width')`` class indices; logits are resized to the label size for the loss.
-                Pixels equal to ``config.semantic_loss_ignore_index`` (default 255) are ignored.
+            pixel_values: ``(batch, num_channels, height, width)`` normalised float images, any height and width;
+                float16, bfloat16 and float32 are cast to the model's dtype.
+            labels: ``(batch, height, width)`` integer class ids in ``[0, num_labels)``, at the image size; pixels equal
+                to ``config.semantic_loss_ignore_index`` (default 255) are ignored.
         """
-        check_pixel_values(pixel_values, self.config.vision_config.num_channels)
+        pixel_values = check_pixel_values(pixel_values, self.config.vision_config.num_channels, self.dtype)
+        ignore_index = getattr(self.config, "semantic_loss_ignore_index", DEFAULT_IGNORE_INDEX)
+        if labels is not None:
+            labels = check_labels(labels, pixel_values, self.config.num_labels, ignore_index)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         batch_size = pixel_values.shape[0]
         input_size = tuple(pixel_values.shape[-2:])
@@ -197,8 +212,7 @@ class SamForSemanticSegmentation(SamPreTrainedModel):
 
         loss = None
         if labels is not None:
-            # From the low-resolution masks straight to the label size (one resize, whatever the label size).
-            ignore_index = getattr(self.config, "semantic_loss_ignore_index", 255)
+            # From the low-resolution masks straight to the label size (one resize).
             loss = semantic_segmentation_loss(low_res, labels, ignore_index)
         hidden_states = vision_outputs.hidden_states if output_hidden_states else None
         return segmenter_output(loss, logits, hidden_states, return_dict)

@@ -20,10 +20,24 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from ._outputs import check_pixel_values, segmenter_output, semantic_segmentation_loss
+from ._outputs import (
+    check_labels,
+    check_loss_ignore_index,
+    check_pixel_values,
+    check_segmentation_num_labels,
+    segmenter_output,
+    semantic_segmentation_loss,
+)
 
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+# `model_type` of saved configs: transformers quotes it when it does not know it ("The checkpoint you are trying to load
+# has model type `...`"), which is what a user who forgot `import peft_vision_ext` reads; so it carries the fix, like
+# the peft types of this package (see `_registry.IMPORT_HINT`).
+MODEL_TYPE = "pve_unet (import peft_vision_ext)"
+# Earlier `model_type`s of the same config, still read after `import peft_vision_ext`.
+LEGACY_MODEL_TYPES = ("pve_unet",)
 
 # Set while `from_pretrained` builds the model: the weights come from the checkpoint, so timm must not download.
 _LOADING_CHECKPOINT = contextvars.ContextVar("peft_vision_ext_loading_checkpoint", default=False)
@@ -43,13 +57,15 @@ class UNetConfig(PretrainedConfig):
         decoder_channels (`list[int]`, *optional*): output channels of each decoder block, deepest first. One block
             per skip connection, plus one that returns to full resolution when the shallowest feature is strided.
             Defaults to ``(256, 128, 64, 32, 16)`` truncated (or extended with 16) to the number of blocks.
-        num_labels (`int`): number of classes (from ``PretrainedConfig``; ``id2label``/``label2id`` work too).
-        semantic_loss_ignore_index (`int`): label value ignored by the cross-entropy loss.
+        num_labels (`int`): number of classes, at least 2 (from ``PretrainedConfig``; ``id2label``/``label2id`` work
+            too). Binary segmentation has 2: background and foreground.
+        semantic_loss_ignore_index (`int`, *optional*): label value ignored by the cross-entropy loss; ``None`` when
+            every pixel is labelled.
         conv_bias_modules (`list[str]`, *optional*): convs that carry a bias created by adapter fusion
             (``merge_and_unload`` of conv adapters fills it); the model recreates those biases when it is built.
     """
 
-    model_type = "pve_unet"
+    model_type = MODEL_TYPE
 
     def __init__(
         self,
@@ -75,9 +91,32 @@ class UNetConfig(PretrainedConfig):
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.in_channels = in_channels
         self.decoder_channels = decoder_channels
-        self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.semantic_loss_ignore_index = check_loss_ignore_index(semantic_loss_ignore_index)
         self.conv_bias_modules = list(conv_bias_modules) if conv_bias_modules else None
+        if kwargs.get("model_type") in (MODEL_TYPE, *LEGACY_MODEL_TYPES):
+            del kwargs["model_type"]  # a saved config's own type (perhaps an old one): the class attribute is it
         super().__init__(**kwargs)
+        check_segmentation_num_labels(self.num_labels)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs) -> tuple[dict, dict]:
+        """``PretrainedConfig.get_config_dict``; configs saved under a legacy ``model_type`` read as current ones."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") in LEGACY_MODEL_TYPES:
+            config_dict["model_type"] = MODEL_TYPE
+        return config_dict, kwargs
+
+
+class LegacyUNetConfig(UNetConfig):
+    """Reads ``config.json`` files saved with the former ``model_type``, ``"pve_unet"``, through ``AutoConfig``;
+    what it returns is a [`UNetConfig`], which saves under the current type."""
+
+    model_type = LEGACY_MODEL_TYPES[0]
+    __init__ = UNetConfig.__init__  # keeps transformers' dataclass machinery from generating another one
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> UNetConfig:
+        return UNetConfig.from_dict(config_dict, **kwargs)
 
 
 class ConvBNAct(nn.Module):
@@ -151,6 +190,7 @@ class UNetForSemanticSegmentation(PreTrainedModel):
     supports_fused_conv_biases = True
 
     def __init__(self, config: UNetConfig) -> None:
+        check_segmentation_num_labels(config.num_labels)  # again: the config may have been edited since
         super().__init__(config)
         if not timm.is_model(config.encoder_name):
             similar = timm.list_models(f"*{config.encoder_name.split('.')[0][:6]}*")[:8]
@@ -227,11 +267,15 @@ class UNetForSemanticSegmentation(PreTrainedModel):
     ) -> SemanticSegmenterOutput | tuple:
         """
         Args:
-            pixel_values: ``(batch, in_channels, height, width)`` images, any height and width.
-            labels: ``(batch, height', width')`` class indices; logits are upsampled to the label size for the loss.
-                Pixels equal to ``config.semantic_loss_ignore_index`` are ignored.
+            pixel_values: ``(batch, in_channels, height, width)`` normalised float images, any height and width;
+                float16, bfloat16 and float32 are cast to the model's dtype.
+            labels: ``(batch, height, width)`` integer class ids in ``[0, num_labels)``, at the image size; pixels equal
+                to ``config.semantic_loss_ignore_index`` are ignored.
         """
-        check_pixel_values(pixel_values, self.config.in_channels)
+        pixel_values = check_pixel_values(pixel_values, self.config.in_channels, self.dtype)
+        ignore_index = self.config.semantic_loss_ignore_index
+        if labels is not None:
+            labels = check_labels(labels, pixel_values, self.config.num_labels, ignore_index)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_size = tuple(pixel_values.shape[-2:])
         features = self.encoder(pixel_values)
@@ -240,6 +284,6 @@ class UNetForSemanticSegmentation(PreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = semantic_segmentation_loss(logits, labels, self.config.semantic_loss_ignore_index)
+            loss = semantic_segmentation_loss(logits, labels, ignore_index)
         hidden_states = (*features, decoded) if output_hidden_states else None
         return segmenter_output(loss, logits, hidden_states, return_dict)
