@@ -8,6 +8,7 @@ from peft import PeftConfig
 
 from ..._registry import peft_type_for
 from .._common import CheckedLoadingMixin, normalize_module_names
+from .._validation import check_bools, check_choice, check_modules_to_save_names, check_peft_fields, check_regexes
 
 
 CONV_ADAPTER = peft_type_for("conv_adapter")
@@ -45,6 +46,14 @@ class ConvAdapterConfig(CheckedLoadingMixin, PeftConfig):
             Trainable BatchNorms (adapters, ``modules_to_save``) still update theirs.
         modules_to_save (`Optional[list[str]]`):
             Modules trained in full and saved with the adapter, such as a new segmentation head.
+        auto_target_modules (`bool`):
+            Set by injection, not by users: True when `target_modules` was None and injection expanded it to every
+            supported module of the base model. The saved `target_modules` then list them all, and loading refuses a
+            base model that has supported modules the list lacks (a different base).
+
+    Every field, and those inherited from ``PeftConfig`` (``inference_mode``, ...), is checked on construction,
+    including when peft builds the config from an ``adapter_config.json``: a wrong type raises a ``TypeError``, a
+    value out of range a ``ValueError``.
     """
 
     target_modules: list[str] | str | None = field(
@@ -78,17 +87,31 @@ class ConvAdapterConfig(CheckedLoadingMixin, PeftConfig):
         default=None,
         metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new segmentation head."},
     )
+    auto_target_modules: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Set by injection, not by users: True when target_modules was None and was expanded to every "
+                "supported conv; loading then refuses a base model with supported convs the list lacks."
+            )
+        },
+    )
 
     method_name = "conv_adapter"
 
     def __post_init__(self) -> None:
+        check_peft_fields(self, CONV_ADAPTER)
         super().__post_init__()
         self.peft_type = CONV_ADAPTER
-        if self.adapter_type not in ADAPTER_TYPES:
-            raise ValueError(
-                f"`adapter_type` must be one of {ADAPTER_TYPES}, got {self.adapter_type!r}. Use 'conv' for BN + 1x1 "
-                "conv adapters or 'bn' for the BN-only ablation."
-            )
+        check_choice(
+            self,
+            "adapter_type",
+            ADAPTER_TYPES,
+            hint="use 'conv' for BN + 1x1 conv adapters or 'bn' for the BN-only ablation.",
+        )
+        check_bools(self, "adapter_bias", "init_weights", "freeze_bn_stats", "auto_target_modules")
         normalize_module_names(self, "target_modules", "exclude_modules")
+        check_regexes(self, "target_modules", "exclude_modules")
+        check_modules_to_save_names(self)
         if self.target_modules == []:
             raise ValueError("`target_modules` is an empty list. Pass None to adapt every fusable conv.")

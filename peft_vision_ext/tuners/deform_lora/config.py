@@ -8,6 +8,17 @@ from peft import PeftConfig
 
 from ..._registry import peft_type_for
 from .._common import CheckedLoadingMixin, normalize_module_names
+from .._validation import (
+    check_bools,
+    check_choice_list,
+    check_float,
+    check_modules_to_save_names,
+    check_peft_fields,
+    check_regexes,
+    check_size,
+    check_size_value,
+    check_str_dict,
+)
 from ..seq_adapter.config import check_adapter_settings
 
 
@@ -37,12 +48,13 @@ class DeformableLoRAConfig(CheckedLoadingMixin, PeftConfig):
     refuses, and ``merge_adapter()`` merges the LoRA part in place.
 
     Args:
-        r (`int`): Default LoRA rank of each projection (and of ``extra_target_modules``).
-        lora_alpha (`float`): Scaling numerator; a projection of rank ``r_p`` is scaled by ``lora_alpha / r_p``.
-        lora_dropout (`float`): Dropout on the LoRA input.
+        r (`int`): Default LoRA rank of each projection (and of ``extra_target_modules``), 1 to 65536.
+        lora_alpha (`float`): Scaling numerator, a finite number > 0; a projection of rank ``r_p`` is scaled by
+            ``lora_alpha / r_p``.
+        lora_dropout (`float`): Dropout on the LoRA input, in [0, 1).
         projection_ranks (`dict[str, int]`): Rank per projection (keys from ``sampling_offsets``,
-            ``attention_weights``, ``value_proj``, ``output_proj``); missing keys use ``r``, ``0`` leaves a projection
-            without LoRA.
+            ``attention_weights``, ``value_proj``, ``output_proj``; ranks 0 to 65536); missing keys use ``r``, ``0``
+            leaves a projection without LoRA.
         target_modules (`Optional[Union[list[str], str]]`): Names or a full-match regex of the deformable attention
             modules to adapt; ``None`` adapts every one found. Saved expanded to the adapted module names.
         exclude_modules (`Optional[Union[list[str], str]]`): Deformable attention modules not to adapt.
@@ -51,19 +63,29 @@ class DeformableLoRAConfig(CheckedLoadingMixin, PeftConfig):
         multihead_attention_targets (`list[str]`): Parts of an adapted ``nn.MultiheadAttention``: any of ``"q"``,
             ``"k"``, ``"v"``, ``"out"``.
         adapters_per_block (`int`): 0 (default): LoRA only; 1-3: sequential adapters as well.
-        adapter_dim (`int`): Bottleneck size of those adapters.
+        adapter_dim (`int`): Bottleneck size of those adapters (at most 65536).
         adapter_act (`str`): Their activation.
         adapter_target_modules (`Optional[Union[list[str], str]]`): Blocks that get adapters (``None``: all found).
         init_weights (`bool`): ``True`` zero-initialises ``B`` (and the adapters' up-projections): identity at init.
             ``False`` draws them at random (tests of merging).
         modules_to_save (`Optional[list[str]]`): Modules trained in full and saved with the adapter (heads).
+        auto_target_modules (`bool`): Set by injection, not by users: True when `target_modules` was None and
+            injection expanded it to every supported module of the base model. The saved `target_modules` then list
+            them all, and loading refuses a base model that has supported modules the list lacks (a different base).
+
+    Every field, and those inherited from ``PeftConfig`` (``inference_mode``, ...), is checked on construction,
+    including when peft builds the config from an ``adapter_config.json``: a wrong type raises a ``TypeError``, a
+    value out of range a ``ValueError``.
     """
 
-    r: int = field(default=8, metadata={"help": "Default LoRA rank."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator (scaling = lora_alpha / rank)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    r: int = field(default=8, metadata={"help": "Default LoRA rank (1 to 65536)."})
+    lora_alpha: float = field(
+        default=8.0, metadata={"help": "LoRA scaling numerator, > 0 (scaling = lora_alpha / rank)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     projection_ranks: dict[str, int] = field(
-        default_factory=dict, metadata={"help": "Rank per deformable-attention projection; 0: no LoRA there."}
+        default_factory=dict,
+        metadata={"help": "Rank per deformable-attention projection (0 to 65536); 0: no LoRA there."},
     )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Deformable attention modules to adapt; None: every one found."}
@@ -78,7 +100,9 @@ class DeformableLoRAConfig(CheckedLoadingMixin, PeftConfig):
         default_factory=lambda: ["q", "v"], metadata={"help": "Parts of an nn.MultiheadAttention: q, k, v, out."}
     )
     adapters_per_block: int = field(default=0, metadata={"help": "0: LoRA only; 1-3: sequential adapters too."})
-    adapter_dim: int = field(default=64, metadata={"help": "Bottleneck size of the sequential adapters."})
+    adapter_dim: int = field(
+        default=64, metadata={"help": "Bottleneck size of the sequential adapters (at most 65536)."}
+    )
     adapter_act: Literal["relu", "gelu"] = field(default="relu", metadata={"help": "Sequential adapter activation."})
     adapter_target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Blocks that get sequential adapters; None: every block found."}
@@ -87,51 +111,48 @@ class DeformableLoRAConfig(CheckedLoadingMixin, PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. the heads)."}
     )
+    auto_target_modules: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Set by injection, not by users: True when target_modules was None and was expanded to every "
+                "deformable attention module; loading then refuses a base model with ones the list lacks."
+            )
+        },
+    )
 
     method_name = "deform_lora"
 
     def __post_init__(self) -> None:
+        check_peft_fields(self, DEFORM_LORA)
         super().__post_init__()
         self.peft_type = DEFORM_LORA
-        normalize_module_names(
-            self, "target_modules", "exclude_modules", "extra_target_modules", "adapter_target_modules"
-        )
+        selectors = ("target_modules", "exclude_modules", "extra_target_modules", "adapter_target_modules")
+        normalize_module_names(self, *selectors)
+        check_regexes(self, *selectors)
         for name in ("target_modules", "extra_target_modules", "adapter_target_modules"):
             if getattr(self, name) == []:
                 raise ValueError(f"`{name}` is an empty list; pass None instead.")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"`r` must be a positive int, got {self.r!r}.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"`lora_alpha` must be a positive number, got {self.lora_alpha!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
-        if not isinstance(self.projection_ranks, dict):
-            raise ValueError(
-                f"`projection_ranks` must be a dict of projection -> rank, got {self.projection_ranks!r}."
-            )
-        unknown = sorted(set(self.projection_ranks) - set(PROJECTIONS))
-        if unknown:
-            raise ValueError(
-                f"`projection_ranks` names unknown projections {unknown}; deformable attention has {list(PROJECTIONS)}."
-            )
-        for name, rank in self.projection_ranks.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-                raise ValueError(f"`projection_ranks[{name!r}]` must be an int >= 0 (0: no LoRA), got {rank!r}.")
+        check_size(self, "r")
+        check_float(self, "lora_alpha", minimum=0.0, min_inclusive=False)
+        check_float(self, "lora_dropout", minimum=0.0, maximum=1.0, max_inclusive=False)
+        check_str_dict(
+            self,
+            "projection_ranks",
+            lambda label, rank: check_size_value(label, rank, minimum=0, meaning="0: no LoRA"),
+            keys=PROJECTIONS,
+            what="projections",
+            expected="a dict of projection -> rank",
+        )
         if not any(self.rank(p) for p in PROJECTIONS) and self.extra_target_modules is None:
             raise ValueError(
                 "Every projection rank is 0 and `extra_target_modules` is None: LoRA would adapt nothing. Give a "
                 "projection a rank > 0, or use SeqAdapterConfig for adapters alone."
             )
-        targets = [self.multihead_attention_targets] if isinstance(self.multihead_attention_targets, str) else None
-        targets = targets or list(self.multihead_attention_targets)
-        bad = [t for t in targets if t not in MHA_TARGETS]
-        if bad or not targets:
-            raise ValueError(
-                f"`multihead_attention_targets` must be a non-empty list from {list(MHA_TARGETS)}, got "
-                f"{self.multihead_attention_targets!r}."
-            )
-        self.multihead_attention_targets = [t for t in MHA_TARGETS if t in targets]
-        check_adapter_settings(self.adapters_per_block, self.adapter_dim, self.adapter_act, allow_none=True)
+        check_choice_list(self, "multihead_attention_targets", MHA_TARGETS, what="parts", allow_str=True)
+        check_adapter_settings(self, allow_none=True)
+        check_bools(self, "init_weights", "auto_target_modules")
+        check_modules_to_save_names(self)
 
     def rank(self, projection: str) -> int:
         """The LoRA rank of a deformable-attention projection."""

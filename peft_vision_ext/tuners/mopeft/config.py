@@ -8,12 +8,27 @@ from peft import PeftConfig
 
 from ..._registry import peft_type_for
 from .._common import CheckedLoadingMixin, normalize_module_names
+from .._validation import (
+    check_bools,
+    check_choice,
+    check_choice_list,
+    check_choice_list_value,
+    check_float,
+    check_float_value,
+    check_modules_to_save_names,
+    check_peft_fields,
+    check_regexes,
+    check_size,
+    check_str_dict,
+    check_str_dict_value,
+)
 
 
 MOPEFT = peft_type_for("mopeft")
 SUB_METHODS = ("lora", "prefix", "adapter")
 LORA_TARGETS = ("q", "k", "v")
 PREFIX_DEPTHS = ("deep", "shallow")
+ADAPTER_ACTIVATIONS = ("gelu", "relu")
 # The seed's Table 4.4 columns as settings of one config: `MoPEFTConfig.from_preset(name, **overrides)`.
 MOPEFT_PRESETS: dict[str, dict] = {
     "lora": {"use_prefix": False, "use_adapter": False, "gating": False},
@@ -22,6 +37,23 @@ MOPEFT_PRESETS: dict[str, dict] = {
     "adapter": {"use_lora": False, "use_prefix": False, "gating": False},
     "mopeft": {},
 }
+
+
+def _check_pruned_entry(label: str, methods) -> list[str]:
+    """One block of `pruned`: the sub-methods dropped there (possibly none)."""
+    return check_choice_list_value(label, methods, SUB_METHODS, what="sub-methods", non_empty=False)
+
+
+def _check_frozen_gates_entry(label: str, gates) -> dict[str, float]:
+    """One block of `frozen_gates`: sub-method -> constant gate value in [0, 1]."""
+    return check_str_dict_value(
+        label,
+        gates,
+        lambda gate_label, gate: check_float_value(gate_label, gate, minimum=0.0, maximum=1.0),
+        keys=SUB_METHODS,
+        what="sub-methods",
+        expected="a dict of sub-method -> gate value",
+    )
 
 
 @dataclass
@@ -58,19 +90,22 @@ class MoPEFTConfig(CheckedLoadingMixin, PeftConfig):
         use_prefix (`bool`): Switch prefix tuning.
         use_adapter (`bool`): Switch the bottleneck adapter after the FFN.
         gating (`bool`): Learn per-image gates for the three sub-methods (MoPEFT). ``False`` gives the plain methods.
-        r (`int`): LoRA rank (seed default 8).
-        lora_alpha (`float`): LoRA scaling numerator; the scaling is ``lora_alpha / r`` (times ``G_L`` when gated).
-        lora_dropout (`float`): Dropout on the LoRA input.
+        r (`int`): LoRA rank (seed default 8), 1 to 65536.
+        lora_alpha (`float`): LoRA scaling numerator, a finite number > 0; the scaling is ``lora_alpha / r`` (times
+            ``G_L`` when gated).
+        lora_dropout (`float`): Dropout on the LoRA input, in [0, 1).
         lora_targets (`list[str]`): Which projections get LoRA, from ``"q"``, ``"k"``, ``"v"`` (default q and v).
-        prefix_length (`int`): Number of prefix key/value vectors ``L`` per block (seed default 20).
+        prefix_length (`int`): Number of prefix key/value vectors ``L`` per block (seed default 20), 1 to 65536.
         prefix_projection_dim (`int`): Width of the prefix embeddings and of the re-parameterisation MLP's hidden
-            layer. The prefix matrix has rank at most ``min(prefix_length, prefix_projection_dim)``.
+            layer (1 to 65536). The prefix matrix has rank at most ``min(prefix_length, prefix_projection_dim)``.
         prefix_depth (`Literal["deep", "shallow"]`): ``"deep"``: prefixes in every targeted block (VPT-deep).
             ``"shallow"``: in the first targeted block only (VPT).
-        adapter_dim (`int`): Bottleneck width ``D_mid`` of the adapter (seed default 64).
+        adapter_dim (`int`): Bottleneck width ``D_mid`` of the adapter (seed default 64), 1 to 65536.
         adapter_act (`str`): Activation inside the adapter (``"gelu"`` or ``"relu"``).
-        gate_hidden_size (`int`): Hidden width of the gate FFN; 0 uses a single linear layer per gate.
-        prefix_gate_init (`float`): Initial pre-sigmoid bias of the prefix gate (gate starts at its sigmoid).
+        gate_hidden_size (`int`): Hidden width of the gate FFN (at most 65536); 0 uses a single linear layer per
+            gate.
+        prefix_gate_init (`float`): Initial pre-sigmoid bias of the prefix gate (gate starts at its sigmoid); any
+            finite number.
         init_weights (`bool`): ``True`` zero-initialises LoRA ``B`` and the adapter up-projection (identity for LoRA
             and adapters). ``False`` draws them at random (tests of merging and disabling).
         modules_to_save (`Optional[list[str]]`): Modules trained in full and saved with the adapter. ``None`` on a
@@ -79,7 +114,15 @@ class MoPEFTConfig(CheckedLoadingMixin, PeftConfig):
         pruned (`dict[str, list[str]]`): Sub-methods dropped per block by [`prune_mopeft`]; filled by pruning and
             saved, so a loaded adapter has the same structure.
         frozen_gates (`dict[str, dict[str, float]]`): Gates replaced by constants per block by [`prune_mopeft`]
-            (with ``freeze_gates=True``). A LoRA with a frozen gate has an input-independent scaling and merges.
+            (with ``freeze_gates=True``), each a finite number in [0, 1]. A LoRA with a frozen gate has an
+            input-independent scaling and merges.
+        auto_target_modules (`bool`): Set by injection, not by users: True when `target_modules` was None and
+            injection expanded it to every supported module of the base model. The saved `target_modules` then list
+            them all, and loading refuses a base model that has supported modules the list lacks (a different base).
+
+    Every field, and those inherited from ``PeftConfig`` (``inference_mode``, ...), is checked on construction,
+    including when peft builds the config from an ``adapter_config.json``: a wrong type raises a ``TypeError``, a
+    value out of range a ``ValueError``.
     """
 
     target_modules: list[str] | str | None = field(
@@ -95,25 +138,33 @@ class MoPEFTConfig(CheckedLoadingMixin, PeftConfig):
     gating: bool = field(
         default=True, metadata={"help": "Learn per-image gates (MoPEFT). False gives the plain sub-methods."}
     )
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator (scaling = lora_alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    r: int = field(default=8, metadata={"help": "LoRA rank (1 to 65536)."})
+    lora_alpha: float = field(
+        default=8.0, metadata={"help": "LoRA scaling numerator, > 0 (scaling = lora_alpha / r)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     lora_targets: list[str] = field(
         default_factory=lambda: ["q", "v"], metadata={"help": "Projections that get LoRA: any of 'q', 'k', 'v'."}
     )
-    prefix_length: int = field(default=20, metadata={"help": "Prefix length L (key/value vectors per block)."})
+    prefix_length: int = field(
+        default=20, metadata={"help": "Prefix length L (key/value vectors per block), 1 to 65536."}
+    )
     prefix_projection_dim: int = field(
-        default=32, metadata={"help": "Width of the prefix embeddings and of the re-parameterisation MLP."}
+        default=32,
+        metadata={"help": "Width of the prefix embeddings and of the re-parameterisation MLP (1 to 65536)."},
     )
     prefix_depth: Literal["deep", "shallow"] = field(
         default="deep", metadata={"help": "'deep': prefixes in every block (VPT-deep); 'shallow': first block (VPT)."}
     )
-    adapter_dim: int = field(default=64, metadata={"help": "Adapter bottleneck width D_mid."})
+    adapter_dim: int = field(default=64, metadata={"help": "Adapter bottleneck width D_mid (1 to 65536)."})
     adapter_act: Literal["gelu", "relu"] = field(default="gelu", metadata={"help": "Adapter activation."})
     gate_hidden_size: int = field(
-        default=16, metadata={"help": "Hidden width of the gate feed-forward net; 0 for one linear layer."}
+        default=16,
+        metadata={"help": "Hidden width of the gate feed-forward net (at most 65536); 0 for one linear layer."},
     )
-    prefix_gate_init: float = field(default=0.0, metadata={"help": "Initial pre-sigmoid bias of the prefix gate."})
+    prefix_gate_init: float = field(
+        default=0.0, metadata={"help": "Initial pre-sigmoid bias of the prefix gate (a finite number)."}
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-init LoRA B and adapter up-projections; False: random (tests)."}
     )
@@ -125,59 +176,49 @@ class MoPEFTConfig(CheckedLoadingMixin, PeftConfig):
         default_factory=dict, metadata={"help": "Sub-methods dropped per block by prune_mopeft (filled by pruning)."}
     )
     frozen_gates: dict[str, dict[str, float]] = field(
-        default_factory=dict, metadata={"help": "Gates replaced by constants per block by prune_mopeft."}
+        default_factory=dict,
+        metadata={"help": "Gates replaced by constants (in [0, 1]) per block by prune_mopeft."},
+    )
+    auto_target_modules: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Set by injection, not by users: True when target_modules was None and was expanded to every "
+                "supported block; loading then refuses a base model with supported blocks the list lacks."
+            )
+        },
     )
 
     method_name = "mopeft"
 
     def __post_init__(self) -> None:
+        check_peft_fields(self, MOPEFT)
         super().__post_init__()
         self.peft_type = MOPEFT
         normalize_module_names(self, "target_modules", "exclude_modules")
+        check_regexes(self, "target_modules", "exclude_modules")
         if self.target_modules == []:
             raise ValueError("`target_modules` is an empty list. Pass None to adapt every supported block.")
+        check_bools(self, "use_lora", "use_prefix", "use_adapter", "gating", "init_weights", "auto_target_modules")
         if not (self.use_lora or self.use_prefix or self.use_adapter):
             raise ValueError(
                 "MoPEFT needs at least one sub-method: `use_lora`, `use_prefix` and `use_adapter` are all False. "
                 "Switch one on (all three give the full mixture)."
             )
         for name in ("r", "prefix_length", "prefix_projection_dim", "adapter_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if isinstance(self.gate_hidden_size, bool) or not isinstance(self.gate_hidden_size, int):
-            raise ValueError(f"`gate_hidden_size` must be an int >= 0, got {self.gate_hidden_size!r}.")
-        if self.gate_hidden_size < 0:
-            raise ValueError(f"`gate_hidden_size` must be >= 0 (0: one linear layer), got {self.gate_hidden_size}.")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"`lora_alpha` must be a positive number, got {self.lora_alpha!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
-        targets = [self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets)
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown or not targets:
-            raise ValueError(
-                f"`lora_targets` must be a non-empty list drawn from {list(LORA_TARGETS)}, got {self.lora_targets!r}."
-            )
-        self.lora_targets = [t for t in LORA_TARGETS if t in targets]
-        if self.prefix_depth not in PREFIX_DEPTHS:
-            raise ValueError(
-                f"`prefix_depth` must be one of {PREFIX_DEPTHS}, got {self.prefix_depth!r}: 'deep' for VPT-deep, "
-                "'shallow' for VPT."
-            )
-        if self.adapter_act not in ("gelu", "relu"):
-            raise ValueError(f"`adapter_act` must be 'gelu' or 'relu', got {self.adapter_act!r}.")
-        for block, methods in (self.pruned or {}).items():
-            bad = [m for m in methods if m not in SUB_METHODS]
-            if bad:
-                raise ValueError(f"`pruned[{block!r}]` names unknown sub-methods {bad}; use {list(SUB_METHODS)}.")
-        for block, gates in (self.frozen_gates or {}).items():
-            for method, value in gates.items():
-                if method not in SUB_METHODS or not 0.0 <= float(value) <= 1.0:
-                    raise ValueError(
-                        f"`frozen_gates[{block!r}]` must map sub-methods {list(SUB_METHODS)} to values in [0, 1], "
-                        f"got {method!r}: {value!r}."
-                    )
+            check_size(self, name)
+        check_size(self, "gate_hidden_size", minimum=0, describe=">= 0", meaning="0: one linear layer per gate")
+        check_float(self, "lora_alpha", minimum=0.0, min_inclusive=False)
+        check_float(self, "lora_dropout", minimum=0.0, maximum=1.0, max_inclusive=False)
+        check_float(self, "prefix_gate_init")
+        check_choice_list(self, "lora_targets", LORA_TARGETS, what="projections", allow_str=True)
+        check_choice(self, "prefix_depth", PREFIX_DEPTHS, hint="'deep' for VPT-deep, 'shallow' for VPT.")
+        check_choice(self, "adapter_act", ADAPTER_ACTIVATIONS)
+        check_modules_to_save_names(self)
+        check_str_dict(self, "pruned", _check_pruned_entry, expected="a dict of block -> dropped sub-methods")
+        check_str_dict(
+            self, "frozen_gates", _check_frozen_gates_entry, expected="a dict of block -> {sub-method: gate value}"
+        )
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> MoPEFTConfig:

@@ -8,6 +8,14 @@ from peft import PeftConfig
 
 from ..._registry import peft_type_for
 from .._common import CheckedLoadingMixin, normalize_module_names
+from .._validation import (
+    check_bools,
+    check_choice,
+    check_modules_to_save_names,
+    check_peft_fields,
+    check_regexes,
+    check_size,
+)
 from .blocks import PLACEMENT
 from .layer import ACTIVATIONS
 
@@ -15,21 +23,26 @@ from .layer import ACTIVATIONS
 SEQ_ADAPTER = peft_type_for("seq_adapter")
 
 
-def check_adapter_settings(adapters_per_block, adapter_dim, adapter_act, *, allow_none: bool = False) -> None:
-    """Validate the sequential-adapter fields (shared by `SeqAdapterConfig` and `DeformableLoRAConfig`)."""
+PLACEMENT_HINT = (
+    "1 puts an adapter after the FFN, 2 after self-attention and the FFN, 3 after self-attention, cross-attention and "
+    "the FFN."
+)
+
+
+def check_adapter_settings(config, *, allow_none: bool = False) -> None:
+    """Check the sequential-adapter fields ``adapters_per_block``, ``adapter_dim`` and ``adapter_act`` of ``config``
+    (shared by `SeqAdapterConfig` and `DeformableLoRAConfig`; with ``allow_none``, ``adapters_per_block=0`` means no
+    adapters)."""
     allowed = sorted(PLACEMENT)
-    if allow_none and adapters_per_block == 0:
-        pass
-    elif isinstance(adapters_per_block, bool) or adapters_per_block not in PLACEMENT:
-        extra = " (or 0 for none)" if allow_none else ""
-        raise ValueError(
-            f"`adapters_per_block` must be one of {allowed}{extra}, got {adapters_per_block!r}: 1 puts an adapter after "
-            "the FFN, 2 after self-attention and the FFN, 3 after self-attention, cross-attention and the FFN."
-        )
-    if isinstance(adapter_dim, bool) or not isinstance(adapter_dim, int) or adapter_dim <= 0:
-        raise ValueError(f"`adapter_dim` (the bottleneck size) must be a positive int, got {adapter_dim!r}.")
-    if adapter_act not in ACTIVATIONS:
-        raise ValueError(f"`adapter_act` must be one of {sorted(ACTIVATIONS)}, got {adapter_act!r}.")
+    check_choice(
+        config,
+        "adapters_per_block",
+        [0, *allowed] if allow_none else allowed,
+        shown=f"{allowed} (or 0 for none)" if allow_none else str(allowed),
+        hint=PLACEMENT_HINT,
+    )
+    check_size(config, "adapter_dim")
+    check_choice(config, "adapter_act", tuple(sorted(ACTIVATIONS)))
 
 
 @dataclass
@@ -45,17 +58,24 @@ class SeqAdapterConfig(CheckedLoadingMixin, PeftConfig):
 
     Args:
         adapters_per_block (`int`): 1, 2 or 3 adapters per block (see above).
-        adapter_dim (`int`): The bottleneck size.
+        adapter_dim (`int`): The bottleneck size (at most 65536).
         adapter_act (`str`): Activation between the projections, ``"relu"`` or ``"gelu"``.
         target_modules (`Optional[Union[list[str], str]]`): Names (exact or suffix) or a full-match regex of the blocks
             to adapt; ``None`` adapts every block found. Saved expanded to the adapted block names.
         exclude_modules (`Optional[Union[list[str], str]]`): Names or a regex of blocks not to adapt.
         init_weights (`bool`): ``True`` zero-initialises the up-projections (identity); ``False`` draws them at random.
         modules_to_save (`Optional[list[str]]`): Modules trained in full and saved with the adapter (heads).
+        auto_target_modules (`bool`): Set by injection, not by users: True when `target_modules` was None and
+            injection expanded it to every supported module of the base model. The saved `target_modules` then list
+            them all, and loading refuses a base model that has supported modules the list lacks (a different base).
+
+    Every field, and those inherited from ``PeftConfig`` (``inference_mode``, ...), is checked on construction,
+    including when peft builds the config from an ``adapter_config.json``: a wrong type raises a ``TypeError``, a
+    value out of range a ``ValueError``.
     """
 
     adapters_per_block: int = field(default=2, metadata={"help": "Adapters per block: 1, 2 or 3."})
-    adapter_dim: int = field(default=64, metadata={"help": "Bottleneck size of each adapter."})
+    adapter_dim: int = field(default=64, metadata={"help": "Bottleneck size of each adapter (at most 65536)."})
     adapter_act: Literal["relu", "gelu"] = field(default="relu", metadata={"help": "Adapter activation."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of blocks to adapt; None: every block found."}
@@ -67,13 +87,26 @@ class SeqAdapterConfig(CheckedLoadingMixin, PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. the heads)."}
     )
+    auto_target_modules: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Set by injection, not by users: True when target_modules was None and was expanded to every "
+                "supported block; loading then refuses a base model with supported blocks the list lacks."
+            )
+        },
+    )
 
     method_name = "seq_adapter"
 
     def __post_init__(self) -> None:
+        check_peft_fields(self, SEQ_ADAPTER)
         super().__post_init__()
         self.peft_type = SEQ_ADAPTER
         normalize_module_names(self, "target_modules", "exclude_modules")
+        check_regexes(self, "target_modules", "exclude_modules")
         if self.target_modules == []:
             raise ValueError("`target_modules` is an empty list. Pass None to adapt every block found.")
-        check_adapter_settings(self.adapters_per_block, self.adapter_dim, self.adapter_act)
+        check_adapter_settings(self)
+        check_bools(self, "init_weights", "auto_target_modules")
+        check_modules_to_save_names(self)
