@@ -75,15 +75,13 @@ import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 
@@ -92,9 +90,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from timing import (  # noqa: E402  (a sibling module: this script's folder is on sys.path)
+    MIB,
+    count_params,
+    interleaved_times,
+    log,
+    machine_info,
+    make_optimizer,
+    measure_memory,
+    spread,
+    summarize,
+    synchronizer,
+    time_cells,
+    timing_report,
+)
 from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import peft_vision_ext  # noqa: E402,F401  (registers ConvAdapterConfig with peft)
@@ -106,88 +116,6 @@ from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer  # noqa: 
 INFERENCE_VARIANTS = ("base", "unfused", "unfused_nocache", "unfused_branch", "fused")
 TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter")
 NUM_LABELS = 3
-MIB = 1024**2
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Memory measurement
-# --------------------------------------------------------------------------------------------------------------------
-class TensorMemoryTracker(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the context and alive at the same time.
-
-    A storage counts when an op returns it and none of the op's inputs holds it (so views and in-place results of
-    existing tensors do not count), and stops counting when it is freed.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        nbytes = self.live.pop(key, None)
-        if nbytes is not None:
-            self.current -= nbytes
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        out = func(*args, **kwargs)
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in inputs or key in self.live:
-                continue
-            self.live[key] = nbytes
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._release, key)
-        return out
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    seen: dict[int, int] = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
-def static_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: Iterable[torch.Tensor]):
-    """Tensors alive across calls: parameters, existing gradients, buffers, optimizer state, the input batch."""
-    yield from model.parameters()
-    yield from (p.grad for p in model.parameters() if p.grad is not None)
-    yield from model.buffers()
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-    yield from batch
-
-
-def measure_memory(
-    fn: Callable[[], Any], device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer | None, batch
-) -> tuple[dict[str, int], Any]:
-    """Run ``fn`` once and return ``({static, transient_peak, peak} bytes, fn's result)``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        static = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"static_bytes": static, "transient_peak_bytes": peak - static, "peak_bytes": peak}, result
-    # Folded kernels cached by conv adapter layers are alive between calls: they are static memory too.
-    cached = [t for layer in adapter_layers(model) if layer._fold_cache is not None for t in layer._fold_cache[1]]
-    static = tensor_bytes(static_tensors(model, optimizer, batch)) + tensor_bytes(cached)
-    with TensorMemoryTracker() as tracker:
-        result = fn()
-    return {"static_bytes": static, "transient_peak_bytes": tracker.peak, "peak_bytes": static + tracker.peak}, result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,6 +128,11 @@ def build_base(encoder: str, seed: int) -> UNetForSemanticSegmentation:
 
 def adapter_layers(model: nn.Module) -> list[ConvAdapterLayer]:
     return [module for module in model.modules() if isinstance(module, ConvAdapterLayer)]
+
+
+def cached_fold_kernels(model: nn.Module) -> list[torch.Tensor]:
+    """Folded kernels cached by conv adapter layers: alive between calls, so static memory too."""
+    return [t for layer in adapter_layers(model) if layer._fold_cache is not None for t in layer._fold_cache[1]]
 
 
 def set_fold_in_eval(model: nn.Module, value: bool) -> None:
@@ -262,10 +195,6 @@ def build_training_variant(name: str, base: nn.Module) -> nn.Module:
     return model.train()
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-
 def inference_call(model: nn.Module, x: torch.Tensor, fold: bool | None) -> Callable[[], torch.Tensor]:
     def call() -> torch.Tensor:
         if fold is not None:
@@ -288,57 +217,9 @@ def training_step(
     return step
 
 
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Timing
+# Timing (the generic helpers are in timing.py)
 # --------------------------------------------------------------------------------------------------------------------
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def interleaved_times(
-    calls: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]
-) -> dict[str, dict[str, list[float]]]:
-    """Wall and process-CPU seconds per call: ``repeats`` rounds of every variant, round-robin, rotating start."""
-    names = list(calls)
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            sync()
-            cpu_start, wall_start = time.process_time(), time.perf_counter()
-            calls[name]()
-            sync()
-            wall_end, cpu_end = time.perf_counter(), time.process_time()
-            times[name]["wall"].append(wall_end - wall_start)
-            times[name]["cpu"].append(cpu_end - cpu_start)
-    return times
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    if len(values) >= 2:
-        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    else:
-        q1 = q3 = values[0]
-    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
-
-
-def timing_report(times: dict[str, dict[str, list[float]]], reference: str) -> dict[str, dict[str, Any]]:
-    """Per variant and clock: raw values, their summary, and the summary of the per-round ratios to ``reference``."""
-    report = {}
-    for name, clocks in times.items():
-        report[name] = {}
-        for clock, values in clocks.items():
-            paired = [value / ref for value, ref in zip(values, times[reference][clock])]
-            report[name][clock] = {"values_s": values, "time_s": summarize(values), "ratio": summarize(paired)}
-    return report
-
-
 def fold_only_call(model: nn.Module) -> Callable[[], None]:
     """What the eval fast path computes besides its conv when nothing is cached: every layer's folded kernel and bias.
 
@@ -442,10 +323,6 @@ def run_rss(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------------
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     sync = synchronizer(device)
     size = args.size
@@ -505,7 +382,9 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
         for name, call in calls.items():
             for _ in range(args.warmup - 1):
                 call()
-            memory[name], outputs[name] = measure_memory(call, device, models[name], None, [x])
+            memory[name], outputs[name] = measure_memory(
+                call, device, models[name], None, [x], cached_fold_kernels(models[name])
+            )
         times = interleaved_times(calls, args.repeats, sync)
         group = timing_report(times, "base")
         for name in INFERENCE_VARIANTS:
@@ -551,7 +430,9 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
             # The step frees the previous gradients first (zero_grad(set_to_none=True)), so they never coexist with
             # the new ones: free them before taking the static memory, or they would be counted twice.
             optimizer.zero_grad(set_to_none=True)
-            memory[name], _ = measure_memory(steps[name], device, model, optimizer, [x, labels])
+            memory[name], _ = measure_memory(
+                steps[name], device, model, optimizer, [x, labels], cached_fold_kernels(model)
+            )
         times = interleaved_times(steps, args.train_repeats, sync)
         group = timing_report(times, "full_ft")
         for name in TRAINING_VARIANTS:
@@ -586,43 +467,9 @@ def bench_rss(encoder: str, args: argparse.Namespace) -> dict[str, Any]:
     return rss
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    ram = None
-    try:
-        with open("/proc/meminfo") as handle:
-            ram = int(handle.readline().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    info = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "ram_bytes": ram,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------------------------------
-def _spread(stats: dict[str, float], scale: float, fmt: str) -> str:
-    return f"{stats['median'] * scale:{fmt}} [{stats['q1'] * scale:{fmt}}–{stats['q3'] * scale:{fmt}}]"
-
-
 def to_markdown(data: dict[str, Any]) -> str:
     lines: list[str] = []
     meta = data["meta"]
@@ -632,13 +479,6 @@ def to_markdown(data: dict[str, Any]) -> str:
     if any("rss" in result for result in results.values()):
         lines += _rss_markdown(results)
     return "\n".join(lines)
-
-
-def _time_cells(entry: dict[str, Any], clocks: tuple[str, ...], scale: float, fmt: str) -> str:
-    cells = []
-    for clock in clocks:
-        cells += [_spread(entry[clock]["time_s"], scale, fmt), _spread(entry[clock]["ratio"], 1, ".3f")]
-    return " | ".join(cells)
 
 
 def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]:
@@ -659,7 +499,7 @@ def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]
             for name in INFERENCE_VARIANTS:
                 entry = group[name]
                 lines.append(
-                    f"| {encoder} | {group_name[2:]} | {name} | {_time_cells(entry, clocks, 1e3, '.0f')} | "
+                    f"| {encoder} | {group_name[2:]} | {name} | {time_cells(entry, clocks, 1e3, '.0f')} | "
                     f"{entry['memory']['peak_bytes'] / MIB:.1f} | {entry['memory']['peak_ratio_vs_base']:.3f} |"
                 )
     lines += [
@@ -678,7 +518,7 @@ def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]
             for name in TRAINING_VARIANTS:
                 entry = group[name]
                 lines.append(
-                    f"| {encoder} | {group_name[2:]} | {name} | {_time_cells(entry, clocks, 1, '.2f')} | "
+                    f"| {encoder} | {group_name[2:]} | {name} | {time_cells(entry, clocks, 1, '.2f')} | "
                     f"{entry['memory']['static_bytes'] / MIB:.1f} | {entry['memory']['peak_bytes'] / MIB:.1f} | "
                     f"{entry['memory']['peak_ratio_vs_full_ft']:.3f} |"
                 )
@@ -723,7 +563,7 @@ def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]
     for encoder, result in results.items():
         fold = result["fold_only"]
         cells = " | ".join(
-            f"{_spread(fold[c]['time_s'], 1e3, '.1f')} | {fold[c]['pct_of_reference']:.1f}%" for c in clocks
+            f"{spread(fold[c]['time_s'], 1e3, '.1f')} | {fold[c]['pct_of_reference']:.1f}%" for c in clocks
         )
         group = next(iter(result["inference"].values()))
         lines.append(

@@ -27,10 +27,10 @@ classes, fixed seed), the same for every variant.
   ``requires_grad`` flags even under ``no_grad``, so a trainable base would run other kernels than the frozen merged
   model (a few percent apart on CPU) although both are the same network.
 
-Timing method (helpers shared with ``bench_conv_adapter.py``): every variant of a group is built up front, runs
-``--warmup`` untimed calls (training: these create the AdamW state) and one memory-tracked call; then ``--repeats``
-rounds run the variants round-robin, the order rotated every round, so that drifts of the machine hit every variant
-alike. Each call is timed on wall time and on the process's CPU time (all threads). Reported: median [IQR] over the
+Timing method (the helpers of ``timing.py``, shared with ``bench_conv_adapter.py``): every variant of a group is
+built up front, runs ``--warmup`` untimed calls (training: these create the AdamW state) and one memory-tracked call;
+then ``--repeats`` rounds run the variants round-robin, the order rotated every round, so that drifts of the machine
+hit every variant alike. Each call is timed on wall time and on the process's CPU time (all threads). Reported: median [IQR] over the
 rounds, and the median [IQR] of the per-round ratios to the reference (``full``, resp. ``base``). Memory is the peak
 of tensor memory during one call: on CPU, the static tensors (parameters, gradients, buffers, AdamW state, batch)
 plus the peak of the tensors the call creates, counted by a dispatch mode; on CUDA, the caching allocator's peak, each
@@ -72,14 +72,8 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # noqa: E402
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_conv_adapter import (  # noqa: E402
+from timing import (  # noqa: E402  (a sibling module: this script's folder is on sys.path)
     MIB,
-    _time_cells,
     count_params,
     interleaved_times,
     log,
@@ -87,8 +81,11 @@ from bench_conv_adapter import (  # noqa: E402
     make_optimizer,
     measure_memory,
     synchronizer,
+    time_cells,
     timing_report,
 )
+from torch import nn  # noqa: E402
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # noqa: E402
 
 import peft_vision_ext  # noqa: E402,F401  (registers the seed-001 tuners with peft)
 from peft_vision_ext import DeformableLoRAConfig, SeqAdapterConfig  # noqa: E402
@@ -404,7 +401,7 @@ def _table(
     for name, entry in entries.items():
         memory = entry["memory"]
         cells = [cell(name, entry) for cell in first.values()]
-        cells += [_time_cells(entry, clocks, scale, fmt), f"{memory['peak_bytes'] / MIB:.0f}"]
+        cells += [time_cells(entry, clocks, scale, fmt), f"{memory['peak_bytes'] / MIB:.0f}"]
         lines.append("| " + " | ".join([*cells, f"{memory[f'peak_ratio_vs_{reference}']:.3f}"]) + " |")
     return lines
 

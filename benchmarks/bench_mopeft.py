@@ -21,28 +21,18 @@ import copy
 import json
 import os
 import platform
-import sys
 from collections.abc import Callable
 from datetime import date
 
 import torch
 from peft import LoraConfig, get_peft_model
+from timing import interleaved_times, measure_memory, summarize, synchronizer, timing_report  # a sibling module
 from torch import nn
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_conv_adapter import (  # noqa: E402
-    interleaved_times,
-    measure_memory,
-    summarize,
-    synchronizer,
-    timing_report,
-)
-
-import peft_vision_ext  # noqa: E402,F401
-from peft_vision_ext import MoPEFTConfig  # noqa: E402
-from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config  # noqa: E402
-from peft_vision_ext.tuners.mopeft.layer import named_mopeft_layers  # noqa: E402
+import peft_vision_ext  # noqa: F401
+from peft_vision_ext import MoPEFTConfig
+from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
+from peft_vision_ext.tuners.mopeft.layer import named_mopeft_layers
 
 
 METHODS = {
