@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .metrics import ConfusionMatrix, metrics_from_confusion
-from .tuners.conv_adapter import ConvAdapterConfig, freeze_frozen_batchnorm
+from .tuners.conv_adapter import ConvAdapterConfig, protect_frozen_batchnorm
 from .tuners.deform_lora import DeformableLoRAConfig
 from .tuners.mopeft import MOPEFT_PRESETS, MoPEFTConfig
 from .tuners.seq_adapter import SeqAdapterConfig
@@ -65,7 +65,7 @@ def prepare_for_adaptation(model: nn.Module, method: str, **config_kwargs: Any) 
         model.requires_grad_(True)
         encoder.requires_grad_(False)
         # Trainer calls model.train() every step; keep the frozen encoder's BN statistics those of the source model.
-        encoder.register_forward_pre_hook(_keep_frozen_batchnorm_in_eval)
+        protect_frozen_batchnorm(encoder)
         return model
     adapter_type = "conv" if method == "conv_adapter" else "bn"
     return get_peft_model(model, ConvAdapterConfig(adapter_type=adapter_type, **config_kwargs))
@@ -180,23 +180,13 @@ def mask2former_method_settings(method: str, *, adapter_dim: int, r: int, adapte
     return {}
 
 
-def set_fold_in_eval(model: nn.Module, enabled: bool, cache: bool | None = None) -> None:
-    """Switch the eval-mode kernel folding of every conv adapter layer (``False``: compute the branches), and
-    optionally the caching of folded kernels (``cache=False`` saves one weight copy per layer, costs time)."""
+def set_fold_in_eval(model: nn.Module, enabled: bool) -> None:
+    """Switch the eval-mode kernel folding of every conv adapter layer (``False``: compute the branches)."""
     from .tuners.conv_adapter import ConvAdapterLayer
 
     for module in model.modules():
         if isinstance(module, ConvAdapterLayer):
             module.fold_in_eval = enabled
-            if cache is not None:
-                module.cache_folded_weights = cache
-                if not cache:
-                    module._fold_cache = None
-
-
-def _keep_frozen_batchnorm_in_eval(module: nn.Module, args: Any) -> None:
-    if module.training:
-        freeze_frozen_batchnorm(module)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-from .gates import GateTelemetry, collect_gate_statistics, plot_gate_usage
 from .._files import check_adapter_dir
+from .gates import GateTelemetry, collect_gate_statistics, plot_gate_usage
 from .ranking import (
     SCORES,
     AdapterScore,

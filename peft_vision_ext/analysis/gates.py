@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .._files import atomic_file
+
 
 SUB_METHOD_ORDER = ("lora", "prefix", "adapter")
 
@@ -105,15 +107,17 @@ def collect_gate_statistics(model: nn.Module, adapter_name: str | None = None) -
             "`get_peft_model(model, MoPEFTConfig(...))` or `PeftModel.from_pretrained`."
         )
     telemetry = GateTelemetry(adapter_name)
-    for name, layer in layers.items():
-        layer._gate_recorder = lambda adapter, method, values, block=name: telemetry.record(
-            block, adapter, method, values
+    handles = [
+        layer.register_gate_hook(
+            lambda adapter, method, values, block=name: telemetry.record(block, adapter, method, values)
         )
+        for name, layer in layers.items()
+    ]
     try:
         yield telemetry
     finally:
-        for layer in layers.values():
-            layer._gate_recorder = None
+        for handle in handles:
+            handle.remove()
 
 
 def plot_gate_usage(
@@ -156,7 +160,7 @@ def plot_gate_usage(
             ax.legend(fontsize=8)
     fig.suptitle(title or "MoPEFT gate usage at inference")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as temporary:  # creates the parent directory
+        fig.savefig(temporary, dpi=120)
     plt.close(fig)
     return str(path)

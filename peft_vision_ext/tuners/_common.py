@@ -13,6 +13,7 @@ from torch import nn
 
 from .._files import check_adapter_dir
 from ..hub import update_model_card
+from ._validation import check_modules_to_save
 
 
 def normalize_module_names(config, *names: str) -> None:
@@ -48,13 +49,81 @@ class CheckedLoadingMixin:
         path = pretrained_model_name_or_path
         if subfolder:
             path = os.path.join(path, subfolder)
-        if os.path.isdir(path):
-            check_adapter_dir(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = check_adapter_dir(path) if os.path.isdir(path) else None
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if weights is not None and weights.endswith(".safetensors"):
+            check_saved_modules(config, weights)
+        return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
         update_model_card(save_directory, method=self.method_name, config=self)
+
+
+def check_saved_modules(config, weights: str) -> None:
+    """Refuse an adapter whose ``modules_to_save`` (e.g. a new head) have no tensors in the weights file: peft would
+    fail later with a bare ``KeyError``, or keep the base model's untrained module without a word."""
+    from safetensors import safe_open
+
+    names = list(config.modules_to_save or [])
+    if not names:
+        return
+    with safe_open(weights, framework="pt") as handle:
+        keys = list(handle.keys())
+    missing = [
+        name
+        for name in names
+        if not any(key.startswith(f"base_model.model.{name}.") or f".{name}." in key for key in keys)
+    ]
+    if missing:
+        raise ValueError(
+            f"The adapter's config lists `modules_to_save`={names}, but {weights!r} holds no tensors for "
+            + ", ".join(f"`{name}`" for name in missing)
+            + ". The weights file is incomplete or belongs to another adapter: copy the whole directory that "
+            "`save_pretrained` wrote."
+        )
+
+
+def check_auto_targets(config, found: list[str], what: str) -> None:
+    """For a config whose ``target_modules`` were expanded from ``None`` (``auto_target_modules``): refuse a model
+    whose own expansion differs, i.e. a different base model (e.g. a resnet18 adapter on a resnet34, or a 2-block
+    adapter on a 3-block encoder). Without this check the adapter would load onto the subset that matches."""
+    if not getattr(config, "auto_target_modules", False) or not isinstance(config.target_modules, (list, set)):
+        return
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    # peft may have condensed the saved list into suffixes (`_find_minimal_target_modules`): match as peft does.
+    probe = copy.copy(config)
+    probe.exclude_modules = None
+    saved = sorted(config.target_modules)
+    extra = [name for name in found if not check_target_module_exists(probe, name)]
+    absent = [entry for entry in saved if not any(n == entry or n.endswith("." + entry) for n in found)]
+    if not (extra or absent):
+        return
+    details = []
+    if extra:
+        details.append(f"this model has {len(extra)} {what}(s) the adapter does not cover, e.g. `{extra[0]}`")
+    if absent:
+        details.append(f"{len(absent)} of the adapter's target names match none of them, e.g. `{absent[0]}`")
+    trained_on = config.base_model_name_or_path or "an unrecorded base model"
+    raise ValueError(
+        f"This adapter was made for every {what} of {trained_on}, but "
+        + "; ".join(details)
+        + ". It belongs to a different base model: load it onto the base it was trained on."
+    )
+
+
+def base_layer_device_and_dtype(base_layer: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and floating dtype of a wrapped module that may have no ``weight`` (a block, an attention module):
+    those of its first floating-point parameter. peft's own lookup reads ``weight`` only, so adapters on such modules
+    would neither follow a bf16 base nor honour ``autocast_adapter_dtype=False``."""
+    weight = getattr(base_layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device, weight.dtype
+    for param in base_layer.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return None, None
 
 
 def is_excluded(config, key: str) -> bool:
@@ -98,9 +167,7 @@ def check_adapter_fits(
     missing = [key for key in expected if key not in remapped]
     # A stored tensor that finds no place in the model would be dropped by peft's non-strict load without a word.
     unexpected = [
-        key
-        for key in remapped
-        if key not in model_state and key.removeprefix("base_model.model.") not in model_state
+        key for key in remapped if key not in model_state and key.removeprefix("base_model.model.") not in model_state
     ]
     mismatched = [
         f"`{key}`: checkpoint {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
@@ -147,8 +214,8 @@ class WrapperReplaceMixin:
 class CheckedTunerMixin:
     """What every tuner of this package does around peft's ``BaseTuner`` (put it before ``BaseTuner`` in the bases):
 
-    - ``merge_and_unload`` first calls ``_refuse_inexact_merge()``, which a tuner overrides to raise, in words, when
-      something active cannot be folded into weights exactly (nothing is merged or unloaded then);
+    - ``merge_and_unload`` first calls ``_refuse_inexact_merge(adapter_names)``, which a tuner overrides to raise, in
+      words, when something to merge cannot be folded into weights exactly (nothing is merged or unloaded then);
     - loading checks that the checkpoint fits the model's ``tuner_layer_cls`` layers (``check_adapter_fits``), with
       the tuner's ``adapter_title`` and ``fits_remedy`` in the message.
     """
@@ -156,12 +223,33 @@ class CheckedTunerMixin:
     adapter_title: str = "Adapter"
     fits_remedy: str = "re-save it"
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # Resolving targets writes into the config (expanded `target_modules`, default `modules_to_save`). Work on a
+        # copy, so that a config object a user reuses for a second model is still the one they wrote.
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        # peft ignores a `modules_to_save` entry that names nothing (and the default head is then not trained).
+        check_modules_to_save(model, self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # peft's `forward(adapter_names=[...])` (one adapter per row) is dropped silently by tuners that do not handle
+        # it, and every row would use the active adapter: refuse it in words instead.
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None:
+            raise ValueError(
+                f"`adapter_names`={adapter_names!r}: {type(self).__name__} does not support mixed-adapter batches yet "
+                "(one adapter per row). Run one forward per adapter with `model.set_adapter(name)` instead."
+            )
+        yield
+
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         # Targets are resolved against the model in `_prepare_model`, not from a per-architecture table.
         return peft_config
 
-    def _refuse_inexact_merge(self) -> None:
-        """Raise a ``ValueError`` if the active adapters cannot be merged exactly (default: they always can)."""
+    def _refuse_inexact_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise a ``ValueError`` if the adapters to merge (default: the active ones) cannot be merged exactly
+        (default: they always can)."""
 
     def _unload_and_optionally_merge(
         self,
@@ -171,7 +259,7 @@ class CheckedTunerMixin:
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge:
-            self._refuse_inexact_merge()
+            self._refuse_inexact_merge(adapter_names)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )

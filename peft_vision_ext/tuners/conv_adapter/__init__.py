@@ -2,7 +2,13 @@
 from ..._registry import register_method
 from .config import CONV_ADAPTER, ConvAdapterConfig
 from .layer import Conv2d, ConvAdapterLayer, fusion_blockers
-from .model import ConvAdapterModel, find_convs, freeze_frozen_batchnorm
+from .model import (
+    ConvAdapterModel,
+    find_convs,
+    freeze_frozen_batchnorm,
+    protect_frozen_batchnorm,
+    unprotect_frozen_batchnorm,
+)
 
 
 __all__ = [
@@ -14,6 +20,8 @@ __all__ = [
     "find_convs",
     "freeze_frozen_batchnorm",
     "fusion_blockers",
+    "protect_frozen_batchnorm",
+    "unprotect_frozen_batchnorm",
 ]
 
 register_method(name="conv_adapter", config_cls=ConvAdapterConfig, model_cls=ConvAdapterModel, prefix="convadapter_")

@@ -71,10 +71,9 @@ class ConvAdapterLayer(BaseTunerLayer):
         self._bias_created_by_merge = False
         # Fold eval-mode adapters into the kernel in `forward` (see there); tests switch it off to check both paths.
         self.fold_in_eval = True
-        # Keep the folded kernel between no-grad forwards: unfused inference at the fused model's speed, for one
-        # extra copy of the conv's weights. Set False to trade that memory for recomputing the fold every call.
-        self.cache_folded_weights = True
-        self._fold_cache: tuple | None = None
+        # What peft's utilities read on tuner layers (as peft's own LoRA Conv2d sets them).
+        self.in_features = base_layer.in_channels
+        self.out_features = base_layer.out_channels
         self.kwargs = kwargs
 
     def update_layer(
@@ -141,6 +140,16 @@ class ConvAdapterLayer(BaseTunerLayer):
             if conv.bias is not None:
                 conv.bias.copy_(0.01 * torch.randn(conv.bias.shape, generator=generator))
 
+    def _batchnorm(self, adapter_name: str) -> nn.BatchNorm2d:
+        """The adapter's BatchNorm, with its running statistics in the dtype of its parameters. peft's
+        ``autocast_adapter_dtype`` upcasts adapter *parameters* of a bf16/fp16 base to float32 but leaves buffers in
+        the base dtype, and ``F.batch_norm`` refuses the mix in training mode."""
+        bn = self.convadapter_bn[adapter_name]
+        if bn.affine and bn.running_mean is not None and bn.running_mean.dtype != bn.weight.dtype:
+            bn.running_mean = bn.running_mean.to(bn.weight.dtype)  # buffers: Module.__setattr__ re-registers them
+            bn.running_var = bn.running_var.to(bn.weight.dtype)
+        return bn
+
     def _bn_affine(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode ``BN_a(x) = a * x + c``; returns ``(a, c)``, each ``(C,)`` in float32."""
         bn = self.convadapter_bn[adapter_name]
@@ -189,30 +198,13 @@ class ConvAdapterLayer(BaseTunerLayer):
             delta_b = delta_b + conv.bias.float()
         return w1 * a_per_out, delta_b
 
-    def _fold_tensors(self, active: list[str]) -> list[torch.Tensor | None]:
-        """Every tensor the folded kernel depends on (for the cache key)."""
-        base = self.get_base_layer()
-        tensors = [base.weight, base.bias]
-        for name in active:
-            tensors += [*self.convadapter_bn[name].parameters(), *self.convadapter_bn[name].buffers()]
-            if name in self.convadapter_conv:
-                tensors += list(self.convadapter_conv[name].parameters())
-        return tensors
-
     def folded_weight(self, active: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel and bias of the conv with the (eval-mode) adapters ``active`` folded in.
 
-        Without gradients the result is cached, keyed on the identity and in-place version of every tensor it depends
-        on, so an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it; ``train()``, ``merge`` and
-        ``unmerge`` drop it. One extra kernel per layer is the price of unfused inference at the fused model's speed.
+        Computed at every call from the current tensors, never cached: a cache keyed on tensor identity and version
+        cannot see an in-place change through ``.data`` (``p.data.mul_(2)`` does not bump ``p._version``), and a
+        stale kernel would be a silently wrong result. The fold touches weights only, not activations.
         """
-        tensors = self._fold_tensors(active)
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        key = None
-        if not needs_grad and self.cache_folded_weights:
-            key = (tuple(active), tuple(None if t is None else (t.data_ptr(), t._version, t.device) for t in tensors))
-            if self._fold_cache is not None and self._fold_cache[0] == key:
-                return self._fold_cache[1]
         base = self.get_base_layer()
         kh, kw = base.kernel_size
         weight = base.weight.clone()  # (C_out, C_in/g, kh, kw)
@@ -227,8 +219,6 @@ class ConvAdapterLayer(BaseTunerLayer):
                 weight = weight + delta_w
             delta_b = delta_b.to(weight.dtype)
             bias = delta_b if bias is None else bias + delta_b
-        if key is not None:
-            self._fold_cache = (key, (weight.detach(), bias.detach()))
         return weight, bias
 
 
@@ -273,7 +263,6 @@ class Conv2d(nn.Module, ConvAdapterLayer):
         if not adapter_names:
             return
         self._check_merge_compatible(adapter_names)
-        self._fold_cache = None
         base = self.get_base_layer()
         for name in adapter_names:
             if self.convadapter_bn[name].training:
@@ -307,7 +296,6 @@ class Conv2d(nn.Module, ConvAdapterLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self._fold_cache = None
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -324,10 +312,6 @@ class Conv2d(nn.Module, ConvAdapterLayer):
             base.bias = None
             self._bias_created_by_merge = False
 
-    def train(self, mode: bool = True) -> Conv2d:
-        self._fold_cache = None  # training changes the weights; do not hold a stale kernel copy meanwhile
-        return super().train(mode)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -338,14 +322,14 @@ class Conv2d(nn.Module, ConvAdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.fold_in_eval and not any(self.convadapter_bn[name].training for name in active):
             # Eval mode: every adapter is an affine map of the conv's input or output, so fold them into the kernel
-            # (cached, see `folded_weight`). One conv instead of 1 + len(active) passes over the activations;
+            # (see `folded_weight`). One conv instead of 1 + len(active) passes over the activations;
             # differentiable in the adapter weights, and equal to the branch computation up to float rounding.
             weight, bias = self.folded_weight(active)
             return self.get_base_layer()._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, bias)
         result = self.base_layer(x, *args, **kwargs)  # (B, C_out, H', W')
         base_out = result
         for name in active:
-            bn = self.convadapter_bn[name]
+            bn = self._batchnorm(name)
             if self.adapter_type[name] == "conv":
                 conv = self.convadapter_conv[name]
                 adapter_in = self._cast_input_dtype(x, conv.weight.dtype)

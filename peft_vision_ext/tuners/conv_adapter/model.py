@@ -8,7 +8,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PretrainedConfig
 
-from .._common import CheckedTunerMixin, is_excluded
+from .._common import CheckedTunerMixin, check_auto_targets, is_excluded
 from .config import ConvAdapterConfig
 from .layer import Conv2d, ConvAdapterLayer, fusion_blockers
 
@@ -54,6 +54,34 @@ def freeze_frozen_batchnorm(model: nn.Module) -> list[str]:
                 module.eval()
                 frozen.append(name)
     return frozen
+
+
+def _frozen_batchnorm_pre_hook(module: nn.Module, args: tuple) -> None:
+    # A frozen BN switched to train mode (model.train(), Trainer) would normalise with batch statistics and overwrite
+    # its running statistics: put it back in eval mode before it runs. It stays a no-op once the BN is made trainable.
+    if module.training and not any(p.requires_grad for p in module.parameters(recurse=False)):
+        module.eval()
+
+
+def protect_frozen_batchnorm(model: nn.Module) -> None:
+    """Keep every frozen BatchNorm of ``model`` in eval mode whenever it runs, whichever entry point adapted the model
+    (``get_peft_model``, ``PeftModel.from_pretrained`` or peft's low-level ``inject_adapter_in_model``, which returns
+    the bare model: no wrapper's ``train()`` is in the way there, so the guard is a forward pre-hook on each BN).
+    Idempotent; ``unprotect_frozen_batchnorm`` removes the hooks (``merge_and_unload``/``unload``)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            if getattr(module, "_peft_vision_bn_guard", None) is None:
+                module._peft_vision_bn_guard = module.register_forward_pre_hook(_frozen_batchnorm_pre_hook)
+    if model.training:
+        freeze_frozen_batchnorm(model)
+
+
+def unprotect_frozen_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        handle = getattr(module, "_peft_vision_bn_guard", None)
+        if handle is not None:
+            handle.remove()
+            del module._peft_vision_bn_guard
 
 
 class ConvAdapterModel(CheckedTunerMixin, BaseTuner):
@@ -117,7 +145,11 @@ class ConvAdapterModel(CheckedTunerMixin, BaseTuner):
                 )
             # Expanded like peft's "all-linear": the saved config then names exactly the adapted convs.
             peft_config.target_modules = sorted(fusable)
+            peft_config.auto_target_modules = True
             return
+        if peft_config.auto_target_modules:
+            found = [n for n, c in convs.items() if not is_excluded(peft_config, n) and not fusion_blockers(c)]
+            check_auto_targets(peft_config, found, "fusable conv")
 
         matched = []
         inside_wrappers = _wrapped_prefixes(model)
@@ -188,16 +220,8 @@ class ConvAdapterModel(CheckedTunerMixin, BaseTuner):
         )
 
     def _post_injection_hook(self, model: nn.Module, config: ConvAdapterConfig, adapter_name: str) -> None:
-        if model.training and config.freeze_bn_stats:
-            freeze_frozen_batchnorm(model)
-
-    def train(self, mode: bool = True) -> ConvAdapterModel:
-        """Like ``nn.Module.train``, but keeps frozen BatchNorm layers in eval mode (see ``freeze_bn_stats``)."""
-        super().train(mode)
-        active = [self.peft_config[name] for name in self.active_adapters if name in self.peft_config]
-        if mode and any(getattr(config, "freeze_bn_stats", False) for config in active):
-            freeze_frozen_batchnorm(self.model)
-        return self
+        if config.freeze_bn_stats:
+            protect_frozen_batchnorm(model)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Unloading
@@ -217,6 +241,7 @@ class ConvAdapterModel(CheckedTunerMixin, BaseTuner):
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        unprotect_frozen_batchnorm(model)  # the returned base model trains like any model again
         if merge:
             modules = dict(model.named_modules())
             created = sorted(name for name in bias_free if getattr(modules.get(name), "bias", None) is not None)

@@ -88,6 +88,7 @@ class LoraLinear(nn.Module, _LoraMixin):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self._init_containers(adapter_name)
         self.update_layer(adapter_name, **kwargs)
 
@@ -133,6 +134,7 @@ class LoraMultiheadAttention(nn.Module, _LoraMixin):
                 f"this one has kdim={base_layer.kdim}, vdim={base_layer.vdim}, embed_dim={base_layer.embed_dim}."
             )
         self.base_layer = base_layer
+        self.in_features = self.out_features = base_layer.embed_dim  # what peft's utilities read on tuner layers
         self.iseg_targets: dict[str, list[str]] = {}
         self._init_containers(adapter_name)
         self.update_layer(adapter_name, **kwargs)

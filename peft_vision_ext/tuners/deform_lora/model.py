@@ -6,7 +6,7 @@ import copy
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .._common import CheckedTunerMixin, WrapperReplaceMixin, is_excluded
+from .._common import CheckedTunerMixin, WrapperReplaceMixin, check_auto_targets, is_excluded
 from ..seq_adapter.layer import SeqAdapterLayer
 from ..seq_adapter.model import PREFIX, plan_sequential_adapters, refuse_unmergeable_adapters, wrap_sublayer
 from .config import PROJECTIONS, DeformableLoRAConfig
@@ -89,7 +89,11 @@ class DeformableLoRAModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
             )
         if peft_config.target_modules is None:
             selected = [name for name in attention if not is_excluded(peft_config, name)]
+            peft_config.auto_target_modules = True
         else:
+            check_auto_targets(
+                peft_config, [n for n in attention if not is_excluded(peft_config, n)], "deformable attention module"
+            )
             selected = [name for name in attention if check_target_module_exists(peft_config, name)]
             if not selected:
                 raise ValueError(
@@ -184,8 +188,29 @@ class DeformableLoRAModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        # LoRA first: wrapping a sublayer for an adapter changes the names of the projections inside it.
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # LoRA first, on the model as it was before any sequential adapter: a `SeqAdapterLayer` wrapping a deformable
+        # attention (Mask2Former's encoder `self_attn`) would rename its projections (`self_attn.base_layer.*`) and
+        # hide them from peft, which skips everything inside a tuner layer. So a second adapter (or `load_adapter`)
+        # would find no target. Lift existing wrappers off while peft injects, then put them back.
+        # Adding an adapter must not change the trainability of what was there (peft's own rule, which peft applies
+        # before the sequential adapters below exist, so it is applied again at the end).
+        existing = (
+            [(p, p.requires_grad) for p in model.parameters()]
+            if any(isinstance(m, BaseTunerLayer) for m in model.modules())
+            else []
+        )
+        lifted = []
+        for name, module in list(model.named_modules()):
+            if isinstance(module, SeqAdapterLayer):
+                parent_name, _, child_name = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child_name, module.get_base_layer())
+                lifted.append((parent, child_name, module))
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            for parent, child_name, module in lifted:
+                setattr(parent, child_name, module)  # its base layer is the same object, now holding the new LoRA
         config = self.peft_config[adapter_name]
         for key, width in self._sublayers.items():
             wrap_sublayer(
@@ -198,6 +223,15 @@ class DeformableLoRAModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
                 adapter_act=config.adapter_act,
                 init_weights=config.init_weights,
             )
+        # The new sequential adapters train only if their adapter is active and not loaded for inference.
+        trainable = adapter_name in self.active_adapters and not config.inference_mode
+        for module in model.modules():
+            if isinstance(module, SeqAdapterLayer):
+                for attr in module.adapter_layer_names:
+                    if adapter_name in getattr(module, attr):
+                        getattr(module, attr)[adapter_name].requires_grad_(trainable)
+        for parameter, requires_grad in existing:
+            parameter.requires_grad = requires_grad
 
-    def _refuse_inexact_merge(self) -> None:
-        refuse_unmergeable_adapters(self.model)
+    def _refuse_inexact_merge(self, adapter_names: list[str] | None = None) -> None:
+        refuse_unmergeable_adapters(self.model, adapter_names)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from .._common import base_layer_device_and_dtype
 from .config import SUB_METHODS
 
 
@@ -65,8 +68,12 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
         self.mopeft_settings: dict[str, dict[str, Any]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # Set by `peft_vision_ext.analysis.gates.collect_gate_statistics`: called with (adapter, sub_method, (B,) gates).
-        self._gate_recorder: Callable[[str, str, torch.Tensor], None] | None = None
+        # Gate hooks (`register_gate_hook`), called with (adapter, sub_method, (B,) gates); muted while gradient
+        # checkpointing recomputes a block in backward, so that each forward is recorded once.
+        self._gate_hooks: OrderedDict[int, Callable[[str, str, torch.Tensor], None]] = OrderedDict()  # weak-referable
+        self._gate_hooks_muted = False
+        # What peft's utilities read on tuner layers: the block maps hidden size to hidden size.
+        self.in_features = self.out_features = family.hidden_size(base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
@@ -174,6 +181,10 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
                 bias[settings["gated"].index("prefix")] = settings["prefix_gate_init"]
             gate.bias.copy_(bias)
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # A block has no `weight`: follow its parameters, so adapters match a bf16 base (peft's dtype contract).
+        return base_layer_device_and_dtype(base_layer)
+
     # ----------------------------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------------------------
@@ -207,16 +218,28 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
                 if "prefix" in settings["gated"]:
                     # log G_P as logsigmoid of the logit: finite for any input, with a well-behaved gradient.
                     gates["prefix_log"] = F.logsigmoid(logits[:, settings["gated"].index("prefix")])
-            if self._gate_recorder is not None:
+            if self._gate_hooks and not self._gate_hooks_muted:
                 for method, value in gates.items():
                     if method not in SUB_METHODS:
                         continue
                     if isinstance(value, torch.Tensor):
-                        self._gate_recorder(name, method, value.detach())
+                        value = value.detach()
                     else:
-                        self._gate_recorder(name, method, torch.full((pooled.shape[0],), float(value)))
+                        value = torch.full((pooled.shape[0],), float(value))
+                    for hook in list(self._gate_hooks.values()):
+                        hook(name, method, value)
             plan[name] = gates
         return plan
+
+    def register_gate_hook(self, hook: Callable[[str, str, torch.Tensor], None]) -> RemovableHandle:
+        """Call ``hook(adapter_name, sub_method, gates)`` with every gate this block computes (``gates``: ``(B,)``,
+        detached; a constant gate is repeated per image). Returns a handle whose ``remove()`` unregisters it. This is
+        how gate telemetry (``peft_vision_ext.analysis.collect_gate_statistics``) and pruning observe the gates."""
+        if not callable(hook):
+            raise TypeError(f"`hook` must be callable as hook(adapter, sub_method, gates), got {hook!r}.")
+        handle = RemovableHandle(self._gate_hooks)
+        self._gate_hooks[handle.id] = hook
+        return handle
 
     @staticmethod
     def _per_row(gate: torch.Tensor | float, repeats: int, ndim: int) -> torch.Tensor | float:
@@ -329,6 +352,8 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
             act = F.relu if self.mopeft_settings[name]["adapter_act"] == "relu" else F.gelu
             hidden = act(down(ffn.to(down.weight.dtype))).to(ffn.dtype)  # (B, ..., D_mid)
             gate = self._per_row(gates["adapter"], 1, ffn.ndim)
+            if isinstance(gate, torch.Tensor):
+                gate = gate.to(ffn.dtype)  # float32 gates on a bf16/fp16 block must not promote the activations
             if not (isinstance(gate, float) and gate == 1.0):
                 hidden = hidden * gate
             flat_hidden, weight = hidden.reshape(-1, hidden.shape[-1]), up.weight.t().to(ffn.dtype)
@@ -351,13 +376,12 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
         def run(hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
             nonlocal calls
             calls += 1
-            recorder = self._gate_recorder
-            if calls > 1:
-                self._gate_recorder = None
+            muted = self._gate_hooks_muted
+            self._gate_hooks_muted = muted or calls > 1
             try:
                 return self.family.run(self, hidden_states, *args, **kwargs)
             finally:
-                self._gate_recorder = recorder
+                self._gate_hooks_muted = muted
 
         return run
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .._common import CheckedTunerMixin, WrapperReplaceMixin, is_excluded
+from .._common import CheckedTunerMixin, WrapperReplaceMixin, check_auto_targets, is_excluded
 from .blocks import SUPPORTED_BLOCKS, block_family
 from .config import MoPEFTConfig
 from .layer import MoPEFTLayer
@@ -86,7 +86,11 @@ class MoPEFTModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
                 )
             # Expanded like peft's "all-linear": the saved config then names exactly the adapted blocks.
             peft_config.target_modules = selected
+            peft_config.auto_target_modules = True
         else:
+            check_auto_targets(
+                peft_config, [name for name in blocks if not is_excluded(peft_config, name)], "transformer block"
+            )
             selected = []
             for name, module in model.named_modules():
                 if not name or not check_target_module_exists(peft_config, name):
@@ -158,12 +162,12 @@ class MoPEFTModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _refuse_inexact_merge(self) -> None:
-        """``merge_and_unload`` removes the wrappers, so every active part must be a weight update."""
+    def _refuse_inexact_merge(self, adapter_names: list[str] | None = None) -> None:
+        """``merge_and_unload`` removes the wrappers, so every part to merge must be a weight update."""
         problems = []
         for name, module in self.model.named_modules():
             if isinstance(module, MoPEFTLayer):
-                for adapter in module.active_adapters:
+                for adapter in adapter_names or module.active_adapters:
                     if adapter in module.mopeft_settings:
                         reasons = module.merge_blockers(adapter)
                         if reasons:

@@ -18,6 +18,7 @@ LoRA with a constant scaling into the weights; ``merge_and_unload`` works once n
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,8 +123,6 @@ def prune_mopeft(
         calibration batches. The adapter's config records the new structure, so ``save_pretrained`` and
         ``PeftModel.from_pretrained`` reproduce it.
     """
-    from ...analysis.gates import collect_gate_statistics
-
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"`threshold` must be in [0, 1), got {threshold!r}.")
     if freeze_tolerance < 0:
@@ -140,8 +139,21 @@ def prune_mopeft(
     batches = [_as_inputs(batch) for batch in calibration_batches]
     if not batches:
         raise ValueError("`calibration_batches` is empty: pass a few batches of target-domain images.")
-    with collect_gate_statistics(model, adapter_name) as telemetry:
+    recorded: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+
+    def record(block: str, adapter: str, method: str, values: torch.Tensor) -> None:
+        if adapter == adapter_name:
+            recorded[block, method].append(values.float().reshape(-1).cpu())
+
+    handles = [
+        layer.register_gate_hook(lambda adapter, method, values, block=block: record(block, adapter, method, values))
+        for block, layer in layers.items()
+    ]
+    try:
         reference = [_outputs(model, batch) for batch in batches]
+    finally:
+        for handle in handles:
+            handle.remove()
 
     report = PruneReport(calibration_images=sum(r.shape[0] for r in reference))
     config = _peft_config(model, adapter_name)
@@ -151,9 +163,9 @@ def prune_mopeft(
         settings = layer.mopeft_settings[adapter_name]
         dropped, frozen = [], {}
         for method in settings["live"]:
-            values = telemetry.values(block, method)
-            if values.numel() == 0:
+            if not recorded[block, method]:
                 continue
+            values = torch.cat(recorded[block, method])  # (calibration images,)
             if values.max().item() < threshold:
                 dropped.append(method)
             elif freeze_gates and method in settings["gated"]:
@@ -192,20 +204,25 @@ def _peft_config(model: nn.Module, adapter_name: str):
 
 
 def merge_mergeable(model: nn.Module, adapter_name: str = "default") -> nn.Module:
-    """Fold every LoRA with a constant scaling into its q/k/v weights; return the unloaded base model if nothing
-    else is left, else the (partially merged, still exact) peft model."""
+    """Fold every LoRA of ``adapter_name`` with a constant scaling into its q/k/v weights. Returns the unloaded base
+    model when that adapter is the only one and nothing of it is left, else the (partially merged, still exact) peft
+    model."""
     layers = named_mopeft_layers(model)
+    names = _adapter_names(layers)
+    if adapter_name not in names:
+        raise ValueError(f"No MoPEFT adapter named {adapter_name!r}; the model has {sorted(names)}.")
     blockers = [
         r
         for layer in layers.values()
         if adapter_name in layer.mopeft_settings
         for r in layer.merge_blockers(adapter_name)
     ]
-    if not blockers and hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
+    if not blockers and names == {adapter_name} and hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload(adapter_names=[adapter_name])
+    # Other adapters stay (unloading would drop them); the LoRA of this one is folded in place, which is exact.
     for layer in layers.values():
         settings = layer.mopeft_settings.get(adapter_name)
         if settings and "lora" in settings["live"] and "lora" not in settings["gated"]:
             if adapter_name not in layer.merged_adapters:
-                layer.merge([adapter_name])
+                layer.merge(adapter_names=[adapter_name])
     return model

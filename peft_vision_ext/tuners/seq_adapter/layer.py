@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .._common import base_layer_device_and_dtype
+
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -33,6 +35,7 @@ class SeqAdapterLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.width = width
+        self.in_features = self.out_features = width  # what peft's utilities read on tuner layers
         self.iseg_adapter_down = nn.ModuleDict({})
         self.iseg_adapter_up = nn.ModuleDict({})
         self.iseg_adapter_act: dict[str, str] = {}
@@ -56,6 +59,10 @@ class SeqAdapterLayer(nn.Module, BaseTunerLayer):
         self.iseg_adapter_act[adapter_name] = adapter_act
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # An attention or FFN sublayer has no `weight`: follow its parameters (bf16 base, autocast_adapter_dtype).
+        return base_layer_device_and_dtype(base_layer)
 
     def _adapt(self, hidden: torch.Tensor) -> torch.Tensor:
         for name in self.active_adapters:

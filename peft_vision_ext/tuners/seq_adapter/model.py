@@ -4,7 +4,7 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .._common import CheckedTunerMixin, WrapperReplaceMixin, is_excluded
+from .._common import CheckedTunerMixin, WrapperReplaceMixin, check_auto_targets, is_excluded
 from .blocks import SUPPORTED_BLOCKS, block_positions, block_width, placement
 from .config import SeqAdapterConfig
 from .layer import SeqAdapterLayer
@@ -48,9 +48,11 @@ def plan_sequential_adapters(
     exclude_modules: list[str] | str | None,
     adapters_per_block: int,
     field_name: str = "target_modules",
+    config=None,
 ) -> tuple[list[str], dict[str, int]]:
     """The blocks selected by ``target_modules``/``exclude_modules`` and ``{sublayer name: hidden size}`` of the
-    sublayers that get an adapter. Raises a ``ValueError`` that says what the model has when nothing fits."""
+    sublayers that get an adapter. Raises a ``ValueError`` that says what the model has when nothing fits. With the
+    adapter's ``config``, a list that was expanded from ``None`` must equal this model's blocks (``check_auto_targets``)."""
     blocks = find_blocks(model)
     if not blocks:
         raise ValueError(
@@ -67,6 +69,8 @@ def plan_sequential_adapters(
             for name, _ in model.named_modules()
             if name and name not in blocks and check_target_module_exists(probe, name)
         ]
+        if config is not None:
+            check_auto_targets(config, [name for name in blocks if not is_excluded(probe, name)], "transformer block")
         if strays:
             raise ValueError(
                 f"`{field_name}` selects `{strays[0]}`, which is not a transformer block that sequential adapters "
@@ -118,12 +122,14 @@ def wrap_sublayer(
     setattr(parent, child_name, new_module)
 
 
-def refuse_unmergeable_adapters(model: nn.Module) -> None:
-    """``merge_and_unload`` would drop live sequential adapters (they cannot fold into weights): refuse in words."""
+def refuse_unmergeable_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """``merge_and_unload`` would drop the sequential adapters it is asked to merge (default: the active ones), as
+    they cannot fold into weights: refuse in words."""
     live = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, SeqAdapterLayer) and any(a in module.iseg_adapter_down for a in module.active_adapters)
+        if isinstance(module, SeqAdapterLayer)
+        and any(a in module.iseg_adapter_down for a in (adapter_names or module.active_adapters))
     ]
     if live:
         raise ValueError(
@@ -156,8 +162,14 @@ class SeqAdapterModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
 
     def _prepare_model(self, peft_config: SeqAdapterConfig, model: nn.Module) -> None:
         selected, sublayers = plan_sequential_adapters(
-            model, peft_config.target_modules, peft_config.exclude_modules, peft_config.adapters_per_block
+            model,
+            peft_config.target_modules,
+            peft_config.exclude_modules,
+            peft_config.adapters_per_block,
+            config=peft_config,
         )
+        if peft_config.target_modules is None:
+            peft_config.auto_target_modules = True
         peft_config.target_modules = selected  # saved expanded, like peft's "all-linear"
         self._sublayers = sublayers
 
@@ -185,5 +197,5 @@ class SeqAdapterModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
             init_weights=peft_config.init_weights,
         )
 
-    def _refuse_inexact_merge(self) -> None:
-        refuse_unmergeable_adapters(self.model)
+    def _refuse_inexact_merge(self, adapter_names: list[str] | None = None) -> None:
+        refuse_unmergeable_adapters(self.model, adapter_names)
