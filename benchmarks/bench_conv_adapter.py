@@ -3,12 +3,11 @@
 
 What is measured, per encoder (default ``resnet18`` and ``vgg19_bn``, ``num_labels=3``, square ``--size`` input):
 
-* **Inference** (``model.eval()``, ``torch.inference_mode()``), per batch size in ``--batch-sizes``, five variants:
+* **Inference** (``model.eval()``, ``torch.inference_mode()``), per batch size in ``--batch-sizes``, four variants:
   ``base`` (the plain U-Net), ``unfused`` (peft model, conv adapters on every fusable conv, default eval fast path:
-  the adapters folded into the kernel, the folded kernel cached between calls), ``unfused_nocache`` (the same with
-  ``cache_folded_weights=False``: the fold recomputed every call, no extra weight copy), ``unfused_branch``
-  (``fold_in_eval=False`` on every ``ConvAdapterLayer``: conv + BN + 1x1 conv branch per layer) and ``fused``
-  (``merge_and_unload``). Cached folded kernels count as static memory. The
+  the adapters folded into the kernel at every call; nothing is cached, so no extra weight copy and never a stale
+  kernel), ``unfused_branch`` (``fold_in_eval=False`` on every ``ConvAdapterLayer``: conv + BN + 1x1 conv branch
+  per layer) and ``fused`` (``merge_and_unload``). The
   adapters carry random weights and BN statistics (``init_weights=False``) so that fused and unfused outputs can be
   compared (``max_abs_diff_*`` in the JSON).
 * **Training** (``model.train()``, one step = ``zero_grad`` + forward with labels + cross-entropy backward + AdamW
@@ -113,7 +112,7 @@ from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation  # no
 from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer  # noqa: E402
 
 
-INFERENCE_VARIANTS = ("base", "unfused", "unfused_nocache", "unfused_branch", "fused")
+INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
 TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter")
 NUM_LABELS = 3
 
@@ -130,20 +129,9 @@ def adapter_layers(model: nn.Module) -> list[ConvAdapterLayer]:
     return [module for module in model.modules() if isinstance(module, ConvAdapterLayer)]
 
 
-def cached_fold_kernels(model: nn.Module) -> list[torch.Tensor]:
-    """Folded kernels cached by conv adapter layers: alive between calls, so static memory too."""
-    return [t for layer in adapter_layers(model) if layer._fold_cache is not None for t in layer._fold_cache[1]]
-
-
 def set_fold_in_eval(model: nn.Module, value: bool) -> None:
     for layer in adapter_layers(model):
         layer.fold_in_eval = value
-
-
-def set_fold_cache(model: nn.Module, value: bool) -> None:
-    for layer in adapter_layers(model):
-        layer.cache_folded_weights = value
-        layer._fold_cache = None
 
 
 def build_peft(base: nn.Module, adapter_type: str = "conv", init_weights: bool = True) -> nn.Module:
@@ -154,17 +142,13 @@ def build_peft(base: nn.Module, adapter_type: str = "conv", init_weights: bool =
 
 
 def build_inference_variants(base: nn.Module, device: torch.device) -> dict[str, nn.Module]:
-    """The inference variants; the three unfused ones are copies of one adapter model (cache/fold switched)."""
+    """The inference variants; the two unfused ones are copies of one adapter model (fold switched)."""
     unfused = build_peft(base, init_weights=False).eval()
     fused = copy.deepcopy(unfused).merge_and_unload().eval()
-    # A separate copy, so that its calls never drop the cache of `unfused` while they are interleaved.
-    nocache = copy.deepcopy(unfused)
-    set_fold_cache(nocache, False)
-    branch = copy.deepcopy(nocache)
+    branch = copy.deepcopy(unfused)
     models = {
         "base": base.eval(),
         "unfused": unfused,
-        "unfused_nocache": nocache,
         "unfused_branch": branch,
         "fused": fused,
     }
@@ -177,8 +161,7 @@ def build_inference_variant(name: str, base: nn.Module) -> nn.Module:
     unfused = build_peft(base, init_weights=False).eval()
     if name == "fused":
         return unfused.merge_and_unload().eval()
-    set_fold_in_eval(unfused, name in ("unfused", "unfused_nocache"))
-    set_fold_cache(unfused, name != "unfused_nocache")
+    set_fold_in_eval(unfused, name == "unfused")
     return unfused
 
 
@@ -221,11 +204,7 @@ def training_step(
 # Timing (the generic helpers are in timing.py)
 # --------------------------------------------------------------------------------------------------------------------
 def fold_only_call(model: nn.Module) -> Callable[[], None]:
-    """What the eval fast path computes besides its conv when nothing is cached: every layer's folded kernel and bias.
-
-    Pass a model whose layers do not cache (``unfused_nocache``); with the cache this cost is paid once per weight
-    change instead of once per forward.
-    """
+    """What the eval fast path computes besides its convs at every forward: every layer's folded kernel and bias."""
     layers = adapter_layers(model)
 
     def call() -> None:
@@ -353,7 +332,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
 
     # ---- FLOPs (batch 1) --------------------------------------------------------------------------------------------
     x1 = torch.randn(1, 3, size, size, device=device)
-    folds = {"base": None, "unfused": True, "unfused_nocache": True, "unfused_branch": False, "fused": None}
+    folds = {"base": None, "unfused": True, "unfused_branch": False, "fused": None}
     inference_flops = {name: count_flops(inference_call(models[name], x1, folds[name])) for name in INFERENCE_VARIANTS}
     training_flops = {}
     labels1 = torch.randint(0, NUM_LABELS, (1, size, size), device=device)
@@ -382,9 +361,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
         for name, call in calls.items():
             for _ in range(args.warmup - 1):
                 call()
-            memory[name], outputs[name] = measure_memory(
-                call, device, models[name], None, [x], cached_fold_kernels(models[name])
-            )
+            memory[name], outputs[name] = measure_memory(call, device, models[name], None, [x])
         times = interleaved_times(calls, args.repeats, sync)
         group = timing_report(times, "base")
         for name in INFERENCE_VARIANTS:
@@ -398,7 +375,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
         del outputs
         log(f"{encoder}: inference bs{batch_size} done")
 
-    fold = fold_only_call(models["unfused_nocache"])
+    fold = fold_only_call(models["unfused"])
     fold()
     fold_times = interleaved_times({"fold": fold}, max(args.repeats, 5), sync)["fold"]
     reference = result["inference"][f"bs{args.batch_sizes[0]}"]["base"]
@@ -430,9 +407,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
             # The step frees the previous gradients first (zero_grad(set_to_none=True)), so they never coexist with
             # the new ones: free them before taking the static memory, or they would be counted twice.
             optimizer.zero_grad(set_to_none=True)
-            memory[name], _ = measure_memory(
-                steps[name], device, model, optimizer, [x, labels], cached_fold_kernels(model)
-            )
+            memory[name], _ = measure_memory(steps[name], device, model, optimizer, [x, labels])
         times = interleaved_times(steps, args.train_repeats, sync)
         group = timing_report(times, "full_ft")
         for name in TRAINING_VARIANTS:
