@@ -89,6 +89,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import peft_vision_ext  # noqa: E402,F401  (registers ConvAdapterConfig with peft)
+from peft_vision_ext import ConvAdapterConfig  # noqa: E402
+from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
+from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer  # noqa: E402
+
 from timing import (  # noqa: E402  (a sibling module: this script's folder is on sys.path)
     MIB,
     count_params,
@@ -103,13 +111,6 @@ from timing import (  # noqa: E402  (a sibling module: this script's folder is o
     time_cells,
     timing_report,
 )
-from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import peft_vision_ext  # noqa: E402,F401  (registers ConvAdapterConfig with peft)
-from peft_vision_ext import ConvAdapterConfig  # noqa: E402
-from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
-from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer  # noqa: E402
 
 
 INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")

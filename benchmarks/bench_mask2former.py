@@ -72,6 +72,13 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # noqa: E402
+
+import peft_vision_ext  # noqa: E402,F401  (registers the seed-001 tuners with peft)
+from peft_vision_ext import DeformableLoRAConfig, SeqAdapterConfig  # noqa: E402
+from peft_vision_ext.models import mask2former_parts, small_mask2former_config  # noqa: E402
+
 from timing import (  # noqa: E402  (a sibling module: this script's folder is on sys.path)
     MIB,
     count_params,
@@ -84,12 +91,6 @@ from timing import (  # noqa: E402  (a sibling module: this script's folder is o
     time_cells,
     timing_report,
 )
-from torch import nn  # noqa: E402
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # noqa: E402
-
-import peft_vision_ext  # noqa: E402,F401  (registers the seed-001 tuners with peft)
-from peft_vision_ext import DeformableLoRAConfig, SeqAdapterConfig  # noqa: E402
-from peft_vision_ext.models import mask2former_parts, small_mask2former_config  # noqa: E402
 
 
 TRAINING_VARIANTS = (

@@ -26,13 +26,14 @@ from datetime import date
 
 import torch
 from peft import LoraConfig, get_peft_model
-from timing import interleaved_times, measure_memory, summarize, synchronizer, timing_report  # a sibling module
 from torch import nn
 
 import peft_vision_ext  # noqa: F401
 from peft_vision_ext import MoPEFTConfig
 from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
 from peft_vision_ext.tuners.mopeft.layer import named_mopeft_layers
+
+from timing import interleaved_times, measure_memory, summarize, synchronizer, timing_report  # a sibling module
 
 
 METHODS = {

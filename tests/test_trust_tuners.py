@@ -294,3 +294,19 @@ def test_tuners_and_bottom_modules_do_not_import_higher_layers():
 def test_misspelt_modules_to_save_is_refused_with_close_matches():
     with pytest.raises(ValueError, match=r"'mask_decodr' \(did you mean 'mask_decoder'"):
         get_peft_model(make_sam(), MoPEFTConfig(modules_to_save=["mask_decodr"]))
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{}", r"has `peft_type`=None, but ConvAdapterConfig reads"),
+        ("[1, 2]", r"holds a JSON list, not an object"),
+        ('{"peft_type": "MOPEFT (IMPORT PEFT_VISION_EXT)"}', r"has `peft_type`='MOPEFT"),
+    ],
+    ids=["empty-object", "list", "other-method"],
+)
+def test_adapter_config_that_is_not_this_methods_object_is_refused(tmp_path, content, match):
+    _conv_peft(make_tiny_cnn()).save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        ConvAdapterConfig.from_pretrained(tmp_path)

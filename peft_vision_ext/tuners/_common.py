@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 
 import torch
+from peft.utils import CONFIG_NAME
 from torch import nn
 
 from .._files import check_adapter_dir
@@ -49,7 +51,10 @@ class CheckedLoadingMixin:
         path = pretrained_model_name_or_path
         if subfolder:
             path = os.path.join(path, subfolder)
-        weights = check_adapter_dir(path) if os.path.isdir(path) else None
+        weights = None
+        if os.path.isdir(path):
+            weights = check_adapter_dir(path)
+            _check_config_file(cls, os.path.join(path, CONFIG_NAME))
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if weights is not None and weights.endswith(".safetensors"):
             check_saved_modules(config, weights)
@@ -58,6 +63,24 @@ class CheckedLoadingMixin:
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
         update_model_card(save_directory, method=self.method_name, config=self)
+
+
+def _check_config_file(cls: type, path: str) -> None:
+    """An ``adapter_config.json`` must be a JSON object naming this method: ``{}`` would otherwise load as the
+    defaults, and a list fails deep inside peft."""
+    with open(path) as handle:
+        data = json.load(handle)  # valid JSON: `check_adapter_dir` parsed it
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path!r} holds a JSON {type(data).__name__}, not an object of config fields. The adapter directory is "
+            "damaged: copy the whole directory that `save_pretrained` wrote."
+        )
+    expected = cls().peft_type
+    if data.get("peft_type") != expected:
+        raise ValueError(
+            f"{path!r} has `peft_type`={data.get('peft_type')!r}, but {cls.__name__} reads {expected.value!r}. Load it "
+            "with `peft.PeftConfig.from_pretrained` (after `import peft_vision_ext`), which picks the right class."
+        )
 
 
 def check_saved_modules(config, weights: str) -> None:
