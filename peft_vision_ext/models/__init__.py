@@ -2,6 +2,7 @@
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, SamConfig
 
 from .mask2former import MASK2FORMER_PARTS, mask2former_parts, small_mask2former_config
+from .processing import image_processor_for, save_image_processor
 from .sam import SamForSemanticSegmentation, small_sam_config
 from .unet import LegacyUNetConfig, UNetConfig, UNetForSemanticSegmentation
 
@@ -11,7 +12,9 @@ __all__ = [
     "SamForSemanticSegmentation",
     "UNetConfig",
     "UNetForSemanticSegmentation",
+    "image_processor_for",
     "mask2former_parts",
+    "save_image_processor",
     "small_mask2former_config",
     "small_sam_config",
 ]

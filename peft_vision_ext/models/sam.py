@@ -36,6 +36,7 @@ from ._outputs import (
     segmenter_output,
     semantic_segmentation_loss,
 )
+from .processing import SavesImageProcessorMixin
 
 
 # Decoder tensors whose shape depends on the number of classes (one mask token and one hypernetwork MLP per class).
@@ -78,7 +79,7 @@ def _check_config(config: SamConfig) -> None:
         )
 
 
-class SamForSemanticSegmentation(SamPreTrainedModel):
+class SamForSemanticSegmentation(SavesImageProcessorMixin, SamPreTrainedModel):
     """SAM with one output mask per class, for semantic segmentation (SAMed style).
 
     ``forward(pixel_values, labels=None)`` returns a ``SemanticSegmenterOutput`` whose logits are
@@ -86,6 +87,12 @@ class SamForSemanticSegmentation(SamPreTrainedModel):
     ``vision_config.image_size`` (SAM's patch embedding and absolute position embedding are built for that size) and
     the logits are resized back, so any image size works; any window size works too, including windows that do not
     tile the token grid (SAM pads them).
+
+    ``save_pretrained`` also writes ``preprocessor_config.json``: a ``SegformerImageProcessor`` that normalises like
+    SAM and leaves the resizing to this forward (see :func:`~peft_vision_ext.models.image_processor_for`), so
+    ``pipeline("image-segmentation", model=<dir>)`` returns one mask per class present (the semantic subtask). SAM's
+    own ``SamImageProcessor`` (resize the longest side to 1024 and pad) does not fit this model: a directory holding
+    one gets the fitting processor instead.
 
     Example:
 

@@ -4,20 +4,28 @@
 The seed paper (000) adapts U-Nets with ResNet-18 and VGG-19 encoders. Here the encoder is any timm model that
 supports ``features_only``; the decoder asks it for its feature channels and reductions (``feature_info``) and wires
 encoder -> decoder -> head. Because it is a ``PreTrainedModel``, ``save_pretrained``/``from_pretrained``,
-``push_to_hub`` and ``Trainer`` work unchanged.
+``push_to_hub`` and ``Trainer`` work unchanged; ``save_pretrained`` also writes the matching image processor (see
+:mod:`peft_vision_ext.models.processing`), so ``pipeline("image-segmentation", model=<dir>)`` works, and
+``gradient_checkpointing_enable()`` / ``TrainingArguments(gradient_checkpointing=True)`` checkpoint the encoder (timm's
+``set_grad_checkpointing``) and each decoder block.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Sequence
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from ._outputs import (
@@ -28,6 +36,7 @@ from ._outputs import (
     segmenter_output,
     semantic_segmentation_loss,
 )
+from .processing import SavesImageProcessorMixin
 
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -63,6 +72,12 @@ class UNetConfig(PretrainedConfig):
             every pixel is labelled.
         conv_bias_modules (`list[str]`, *optional*): convs that carry a bias created by adapter fusion
             (``merge_and_unload`` of conv adapters fills it); the model recreates those biases when it is built.
+        image_mean (`list[float]`, *optional*): per-channel mean the images are normalised with after scaling to
+            [0, 1]; ``None`` means ImageNet's, the default of ``SegmentationTransform``. The image processor saved
+            with the model (``image_processor_for(model)``), and so ``pipeline("image-segmentation")``, use it: set
+            it (and ``image_std``) when the training data was normalised otherwise, e.g. with the values a pretrained
+            timm encoder expects (``timm.get_pretrained_cfg(encoder_name).mean``).
+        image_std (`list[float]`, *optional*): per-channel std, likewise (``None``: ImageNet's).
     """
 
     model_type = MODEL_TYPE
@@ -76,6 +91,8 @@ class UNetConfig(PretrainedConfig):
         decoder_channels: Sequence[int] | None = None,
         semantic_loss_ignore_index: int = 255,
         conv_bias_modules: Sequence[str] | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
         **kwargs,
     ) -> None:
         if not isinstance(encoder_name, str) or not encoder_name:
@@ -93,6 +110,8 @@ class UNetConfig(PretrainedConfig):
         self.decoder_channels = decoder_channels
         self.semantic_loss_ignore_index = check_loss_ignore_index(semantic_loss_ignore_index)
         self.conv_bias_modules = list(conv_bias_modules) if conv_bias_modules else None
+        self.image_mean = _check_normalisation("image_mean", image_mean, in_channels, positive=False)
+        self.image_std = _check_normalisation("image_std", image_std, in_channels, positive=True)
         if kwargs.get("model_type") in (MODEL_TYPE, *LEGACY_MODEL_TYPES):
             del kwargs["model_type"]  # a saved config's own type (perhaps an old one): the class attribute is it
         super().__init__(**kwargs)
@@ -105,6 +124,19 @@ class UNetConfig(PretrainedConfig):
         if config_dict.get("model_type") in LEGACY_MODEL_TYPES:
             config_dict["model_type"] = MODEL_TYPE
         return config_dict, kwargs
+
+
+def _check_normalisation(name: str, values, channels: int, positive: bool) -> list[float] | None:
+    if values is None:
+        return None
+    ok = not isinstance(values, (str, bytes)) and isinstance(values, Sequence) and len(values) == channels
+    ok = ok and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    if not ok or (positive and any(v <= 0 for v in values)):
+        raise ValueError(
+            f"`{name}` must be None or {channels} {'positive' if positive else 'finite'} numbers (one per input "
+            f"channel, `in_channels`={channels}), got {values!r}."
+        )
+    return [float(v) for v in values]
 
 
 class LegacyUNetConfig(UNetConfig):
@@ -132,8 +164,11 @@ class ConvBNAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class DecoderBlock(nn.Module):
-    """Upsample to the skip's size (any size, not only x2), concatenate the skip, then two conv-BN-ReLU."""
+class DecoderBlock(GradientCheckpointingLayer):
+    """Upsample to the skip's size (any size, not only x2), concatenate the skip, then two conv-BN-ReLU.
+
+    With gradient checkpointing on, its activations are recomputed in backward (in training mode with gradients
+    enabled only); the tensors are passed positionally, as transformers' reentrant checkpointing needs."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -175,17 +210,31 @@ class UNetDecoder(nn.Module):
         return x
 
 
-class UNetForSemanticSegmentation(PreTrainedModel):
+class UNetForSemanticSegmentation(SavesImageProcessorMixin, PreTrainedModel):
     """U-Net for semantic segmentation with a timm encoder.
 
     ``forward(pixel_values, labels=None)`` returns a ``SemanticSegmenterOutput`` whose logits are
     ``(batch, num_labels, height, width)`` at the input size, for any height and width.
+
+    Gradient (activation) checkpointing: ``model.gradient_checkpointing_enable()`` (or
+    ``activation_checkpointing_enable``, or ``TrainingArguments(gradient_checkpointing=True)``, also through a peft
+    model) checkpoints the encoder with timm's ``set_grad_checkpointing`` (its stages but the first and last) and
+    every decoder block; ``gradient_checkpointing_disable()`` turns both off. Only training-mode forwards with
+    gradients enabled checkpoint; gradients are those of the plain model. Notes: ``gradient_checkpointing_kwargs``
+    (e.g. ``use_reentrant``), ``every_n_layers`` and ``offload`` apply to the decoder blocks; timm checkpoints the
+    encoder non-reentrantly (``timm.layers.set_reentrant_ckpt``). An encoder whose timm model refuses checkpointing
+    (e.g. HRNet) runs whole, with a warning. As with any activation checkpointing in PyTorch, BatchNorm layers inside
+    checkpointed blocks update their running statistics twice per training step (once more in the recompute), i.e.
+    with an effective momentum of ``1 - (1 - momentum) ** 2``; the gradients are unaffected.
+
+    ``save_pretrained`` also writes ``preprocessor_config.json`` (see :func:`~peft_vision_ext.models.image_processor_for`).
     """
 
     config_class = UNetConfig
     base_model_prefix = "unet"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True
     # Recreates biases that conv-adapter fusion added (see `UNetConfig.conv_bias_modules`).
     supports_fused_conv_biases = True
 
@@ -220,6 +269,9 @@ class UNetForSemanticSegmentation(PreTrainedModel):
         self.decoder = UNetDecoder(channels, reductions, decoder_channels)
         self.segmentation_head = nn.Conv2d(decoder_channels[-1], config.num_labels, kernel_size=3, padding=1)
         self._add_fused_conv_biases(config.conv_bias_modules or [])
+        # Whether the timm encoder checkpoints (in training-mode forwards with gradients); see
+        # `_set_gradient_checkpointing`. The decoder blocks carry their own flags.
+        self._encoder_checkpointing = False
         self.post_init()
 
     def _add_fused_conv_biases(self, names: Sequence[str]) -> None:
@@ -247,6 +299,45 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
+
+    def _timm_checkpointed_modules(self) -> list[nn.Module]:
+        """The outermost modules of the encoder with timm's ``set_grad_checkpointing`` (the encoder itself, or the
+        copies a peft ``modules_to_save`` wrapper holds)."""
+        found = []
+
+        def visit(module: nn.Module) -> None:
+            if callable(getattr(type(module), "set_grad_checkpointing", None)):
+                found.append(module)
+                return
+            for child in module.children():
+                visit(child)
+
+        visit(self.encoder)
+        return found
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """transformers' hook of ``activation_checkpointing_enable``/``_disable``: transformers sets the decoder
+        blocks; the encoder's timm flag follows the mode of each forward (see ``forward``)."""
+        super()._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, every_n_layers=every_n_layers
+        )
+        encoders = self._timm_checkpointed_modules()
+        supported = bool(encoders)
+        for encoder in encoders:
+            try:
+                encoder.set_grad_checkpointing(enable)  # probes support; set per forward from now on
+            except (AssertionError, NotImplementedError, RuntimeError, ValueError):
+                supported = False
+            encoder.set_grad_checkpointing(False)
+        self._encoder_checkpointing = enable and supported
+        if enable and not supported:
+            warnings.warn(
+                f"The `{self.config.encoder_name}` encoder ({type(self.encoder).__name__}) has no timm gradient "
+                "checkpointing (`set_grad_checkpointing`); only the decoder blocks are checkpointed.",
+                stacklevel=3,
+            )
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -278,6 +369,11 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             labels = check_labels(labels, pixel_values, self.config.num_labels, ignore_index)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_size = tuple(pixel_values.shape[-2:])
+        if self._encoder_checkpointing:
+            # timm checkpoints whenever its flag is set; a forward in eval mode or without gradients must not.
+            checkpointed = self.training and torch.is_grad_enabled()
+            for encoder in self._timm_checkpointed_modules():
+                encoder.set_grad_checkpointing(checkpointed)
         features = self.encoder(pixel_values)
         decoded = self.decoder(features, input_size)  # (B, C_dec, H, W)
         logits = self.segmentation_head(decoded)  # (B, num_labels, H, W)
