@@ -270,6 +270,20 @@ class CheckedTunerMixin:
         # Targets are resolved against the model in `_prepare_model`, not from a per-architecture table.
         return peft_config
 
+    def _get_module_names_tied_with_embedding(self) -> list[str]:
+        # Workaround of an upstream bug (peft 0.21 with transformers 5): peft's tied-weights check asks every model
+        # whose `_tied_weights_keys` is a dict for `get_input_embeddings()`, which transformers 5 answers with
+        # NotImplementedError on vision models (DeformableDetrForObjectDetection, GroundingDinoForObjectDetection tie
+        # their box/class heads across decoder layers). Such a model has no input embeddings, so nothing is tied to
+        # them. tests/test_detection_heads.py fails once upstream fixes it: then drop this override.
+        get_input_embeddings = getattr(self.model, "get_input_embeddings", None)
+        if get_input_embeddings is not None:
+            try:
+                get_input_embeddings()
+            except NotImplementedError:
+                return []
+        return super()._get_module_names_tied_with_embedding()
+
     def _refuse_inexact_merge(self, adapter_names: list[str] | None = None) -> None:
         """Raise a ``ValueError`` if the adapters to merge (default: the active ones) cannot be merged exactly
         (default: they always can)."""

@@ -7,6 +7,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from .._common import CheckedTunerMixin, WrapperReplaceMixin, check_auto_targets, is_excluded
+from ..seq_adapter.heads import resolve_modules_to_save, tie_module_copies
 from ..seq_adapter.layer import SeqAdapterLayer
 from ..seq_adapter.model import PREFIX, plan_sequential_adapters, refuse_unmergeable_adapters, wrap_sublayer
 from .config import PROJECTIONS, DeformableLoRAConfig
@@ -81,6 +82,7 @@ class DeformableLoRAModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
     adapter_title = "Deformable LoRA adapter"
 
     def _prepare_model(self, peft_config: DeformableLoRAConfig, model: nn.Module) -> None:
+        resolve_modules_to_save(peft_config, model)
         attention = find_deformable_attention(model)
         if not attention:
             raise ValueError(
@@ -211,6 +213,7 @@ class DeformableLoRAModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
         finally:
             for parent, child_name, module in lifted:
                 setattr(parent, child_name, module)  # its base layer is the same object, now holding the new LoRA
+        tie_module_copies(model, adapter_name)
         config = self.peft_config[adapter_name]
         for key, width in self._sublayers.items():
             wrap_sublayer(

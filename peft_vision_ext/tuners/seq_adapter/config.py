@@ -64,7 +64,16 @@ class SeqAdapterConfig(CheckedLoadingMixin, PeftConfig):
             to adapt; ``None`` adapts every block found. Saved expanded to the adapted block names.
         exclude_modules (`Optional[Union[list[str], str]]`): Names or a regex of blocks not to adapt.
         init_weights (`bool`): ``True`` zero-initialises the up-projections (identity); ``False`` draws them at random.
-        modules_to_save (`Optional[list[str]]`): Modules trained in full and saved with the adapter (heads).
+        modules_to_save (`Optional[list[str]]`): Modules trained in full and saved with the adapter. ``None``
+            (default): the task heads of a known head model (see ``tuners/seq_adapter/heads.py``): Mask2Former's
+            ``class_predictor``; the DETR family's class and box heads per decoder layer (``class_embed.<i>``,
+            ``bbox_embed.<i>``; RT-DETR's under ``model.decoder`` plus its encoder proposal heads and denoising label
+            embedding; Grounding DINO's box heads, its class head being a parameter-free text similarity); the
+            modules a model declares in ``peft_modules_to_save``; none for a bare backbone or encoder. Heads the base
+            model ties to copies in its decoder (box refinement, two stages) keep one shared trainable copy. ``[]``:
+            none; a ``UserWarning`` then names each head left frozen (a class head fine-tuned on a new label set starts
+            from random weights). A ModuleList of per-layer heads is named layer by layer (``class_embed.0``, ...).
+            Saved as resolved.
         auto_target_modules (`bool`): Set by injection, not by users: True when `target_modules` was None and
             injection expanded it to every supported module of the base model. The saved `target_modules` then list
             them all, and loading refuses a base model that has supported modules the list lacks (a different base).
@@ -85,7 +94,13 @@ class SeqAdapterConfig(CheckedLoadingMixin, PeftConfig):
     )
     init_weights: bool = field(default=True, metadata={"help": "Zero-init the up-projections (identity at init)."})
     modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. the heads)."}
+        default=None,
+        metadata={
+            "help": (
+                "Modules trained in full and saved with the adapter; None: the model's task heads (class and box "
+                "heads), []: none."
+            )
+        },
     )
     auto_target_modules: bool = field(
         default=False,

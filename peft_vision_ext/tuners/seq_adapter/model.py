@@ -7,6 +7,7 @@ from torch import nn
 from .._common import CheckedTunerMixin, WrapperReplaceMixin, check_auto_targets, is_excluded
 from .blocks import SUPPORTED_BLOCKS, block_positions, block_width, placement
 from .config import SeqAdapterConfig
+from .heads import resolve_modules_to_save, tie_module_copies
 from .layer import SeqAdapterLayer
 
 
@@ -151,7 +152,7 @@ class SeqAdapterModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
         >>> from peft_vision_ext import SeqAdapterConfig
 
         >>> base = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(num_labels=3))
-        >>> model = get_peft_model(base, SeqAdapterConfig(adapters_per_block=2, modules_to_save=["class_predictor"]))
+        >>> model = get_peft_model(base, SeqAdapterConfig(adapters_per_block=2))  # + class_predictor in full
         ```
     """
 
@@ -161,6 +162,7 @@ class SeqAdapterModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
     adapter_title = "Sequential adapter"
 
     def _prepare_model(self, peft_config: SeqAdapterConfig, model: nn.Module) -> None:
+        resolve_modules_to_save(peft_config, model)
         selected, sublayers = plan_sequential_adapters(
             model,
             peft_config.target_modules,
@@ -175,6 +177,10 @@ class SeqAdapterModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
 
     def _check_target_module_exists(self, peft_config: SeqAdapterConfig, key: str) -> bool:
         return key in getattr(self, "_sublayers", {})
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        tie_module_copies(model, adapter_name)
 
     def _create_and_replace(
         self,
