@@ -7,12 +7,26 @@ import pytest
 import torch
 
 from testing_common import (
+    LOW_PRECISION,
     MATRIX,
+    AdapterStore,
     check_bn_stats_frozen,
+    check_config_reuse,
+    check_damaged_checkpoint,
     check_disable_adapter,
     check_identity_at_init,
+    check_layer_and_model_status,
+    check_low_precision,
     check_merge_equivalence,
+    check_merge_idempotent,
+    check_mixed_adapter_batch,
+    check_multiple_adapters,
     check_only_adapters_train,
+    check_requires_grad_after_loading,
+    check_safe_merge_refuses_nan,
+    check_unload,
+    damages_for,
+    foreign_case,
     load_in_fresh_process,
     save_for_fresh_process,
 )
@@ -21,6 +35,13 @@ from testing_common import (
 CASES = pytest.mark.parametrize("case", MATRIX, ids=[case.name for case in MATRIX])
 # Frozen BatchNorm statistics (peft issue 1732) concern the models that have BatchNorm.
 BN_CASES = [case for case in MATRIX if case.has_batchnorm]
+DAMAGED = [(case, damage) for case in MATRIX for damage in damages_for(case)]
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory):
+    """Two saved adapters per case, saved on first use and shared by the save/load checks of this module."""
+    return AdapterStore(str(tmp_path_factory.mktemp("saved")))
 
 
 @CASES
@@ -39,6 +60,21 @@ def test_merge_equivalence(case):
 
 
 @CASES
+def test_merge_adapter_twice_is_merging_once(case):
+    check_merge_idempotent(case)
+
+
+@CASES
+def test_safe_merge_refuses_nan(case):
+    check_safe_merge_refuses_nan(case)
+
+
+@CASES
+def test_unload(case):
+    check_unload(case)
+
+
+@CASES
 def test_only_adapter_parameters_train(case):
     check_only_adapters_train(case)
 
@@ -46,6 +82,43 @@ def test_only_adapter_parameters_train(case):
 @pytest.mark.parametrize("case", BN_CASES, ids=[case.name for case in BN_CASES])
 def test_bn_statistics_unchanged_by_training(case):
     check_bn_stats_frozen(case)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=[str(d).removeprefix("torch.") for d in LOW_PRECISION])
+@CASES
+def test_low_precision(case, dtype):
+    check_low_precision(case, dtype)
+
+
+@CASES
+def test_multiple_adapters(case, saved_adapters):
+    check_multiple_adapters(case, saved_adapters.get(case))
+
+
+@CASES
+def test_mixed_adapter_batch(case):
+    check_mixed_adapter_batch(case)
+
+
+@CASES
+def test_config_survives_reuse(case):
+    check_config_reuse(case)
+
+
+@CASES
+def test_layer_and_model_status(case):
+    check_layer_and_model_status(case)
+
+
+@CASES
+def test_requires_grad_after_loading(case, saved_adapters):
+    check_requires_grad_after_loading(case, saved_adapters.get(case))
+
+
+@pytest.mark.parametrize("case, damage", DAMAGED, ids=[f"{case.name}-{damage}" for case, damage in DAMAGED])
+def test_damaged_checkpoint_is_refused(case, damage, saved_adapters, tmp_path):
+    foreign = saved_adapters.get(foreign_case(case)) if damage == "foreign_weights" else None
+    check_damaged_checkpoint(case, damage, saved_adapters.get(case), foreign, str(tmp_path / "damaged"))
 
 
 @pytest.fixture(scope="module")
@@ -61,4 +134,7 @@ def fresh_process_results(tmp_path_factory):
 def test_save_load_in_fresh_process(case, fresh_process_results):
     job = fresh_process_results[case.name]
     expected, got = torch.load(job["expected"]), torch.load(job["output"])
-    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+    atol = case.tolerance("fresh_process")
+    assert torch.allclose(got, expected, rtol=0, atol=atol), (
+        f"loaded in a fresh process: {(got - expected).abs().max()}"
+    )

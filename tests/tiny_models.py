@@ -203,16 +203,30 @@ def make_deformable_detr(seed: int = 0) -> nn.Module:
     return _perturb(DeformableDetrModel(config), seed).eval()
 
 
-def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def forward_logits(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
     """Segmentation logits (B, K, H, W), or an encoder's last hidden state (B, N, C), or for Mask2Former its mask and
-    class logits per query (B, Q, H*W + K + 1)."""
-    out = model(pixel_values=x)
+    class logits per query (B, Q, H*W + K + 1). ``kwargs`` go to the model's forward (e.g. peft's ``adapter_names``)."""
+    return logits_of(model(pixel_values=x, **kwargs))
+
+
+def logits_of(out) -> torch.Tensor:
+    """The tensor `forward_logits` returns, from a model's output."""
     if isinstance(out, torch.Tensor):
         return out
     if getattr(out, "masks_queries_logits", None) is not None:
         return torch.cat([out.masks_queries_logits.flatten(2), out.class_queries_logits], dim=-1)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
+
+# The modules the methods train in full on each tiny model when a config names no `modules_to_save`: those the model
+# declares (`peft_modules_to_save`: SAM's mask decoder), or the task heads the seed-001 methods find by class name
+# (Mask2Former's class head; the bare Deformable DETR model has none). The matrix checks that every case's saved
+# config agrees, so a changed default shows up as a failing case, not as a check that silently stopped applying.
+DEFAULT_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "sam_tiny": ("mask_decoder",),
+    "sam_tiny_sdpa": ("mask_decoder",),
+    "mask2former_tiny": ("class_predictor",),
+}
 
 FACTORIES = {
     "tiny_cnn": make_tiny_cnn,
