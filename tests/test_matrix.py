@@ -16,7 +16,9 @@ from testing_common import (
     check_disable_adapter,
     check_identity_at_init,
     check_layer_and_model_status,
+    check_low_cpu_mem_usage_load,
     check_low_precision,
+    check_low_precision_merge,
     check_merge_equivalence,
     check_merge_idempotent,
     check_mixed_adapter_batch,
@@ -88,6 +90,20 @@ def test_bn_statistics_unchanged_by_training(case):
 @CASES
 def test_low_precision(case, dtype):
     check_low_precision(case, dtype)
+
+
+MERGEABLE = [case for case in MATRIX if case.mergeable]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=[str(d).removeprefix("torch.") for d in LOW_PRECISION])
+@pytest.mark.parametrize("case", MERGEABLE, ids=[case.name for case in MERGEABLE])
+def test_low_precision_merge_rounds_once(case, dtype):
+    check_low_precision_merge(case, dtype)
+
+
+@CASES
+def test_low_cpu_mem_usage_load(case, saved_adapters):
+    check_low_cpu_mem_usage_load(case, saved_adapters.get(case))
 
 
 @CASES

@@ -24,7 +24,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.peft_model import get_layer_status, get_model_status
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -46,6 +46,8 @@ TOLERANCES: dict[str, float] = {
     # Absolute: disable_adapter() vs the base, and re-enabled vs before; a fresh process's load vs the saved output.
     "disable": 1e-6,
     "fresh_process": 1e-6,
+    # Relative: a `low_cpu_mem_usage=True` load (meta-device path) vs the output saved with the adapter.
+    "save_load": 1e-5,
     # merged (merge_adapter / merge_and_unload) vs unmerged outputs, fp32; also merge_adapter() twice vs once.
     "merge": 1e-5,
     # Outputs that must be the same computation: set_adapter / delete_adapter / load_adapter vs the model that has
@@ -697,6 +699,25 @@ def check_low_precision(case: Case, dtype: torch.dtype) -> None:
     problems.raise_if_any()
 
 
+@torch.no_grad()
+def check_low_precision_merge(case: Case, dtype: torch.dtype) -> None:
+    """Merging on a ``dtype`` base rounds once: every merged weight equals the float32 merge of the same (already
+    rounded) base and adapter tensors, cast to ``dtype``. That is as exact as a merge in ``dtype`` can be; peft's own
+    LoRA adds a delta already rounded to the base dtype (two roundings)."""
+    base = case.make_base().to(dtype)
+    low = peft_model(copy.deepcopy(base), case.make_config(init_weights=False)).eval()
+    high = peft_model(copy.deepcopy(base).float(), case.make_config(init_weights=False)).eval()
+    # The float32 twin gets exactly the low-precision model's adapter tensors (BN statistics included).
+    adapter_state = {k: v.float() for k, v in low.state_dict().items() if case.is_adapter_key(k)}
+    high.load_state_dict(adapter_state, strict=False)
+    fused_low, fused_high = low.merge_and_unload(), high.merge_and_unload()
+    expected = {k: v.to(dtype) for k, v in fused_high.state_dict().items()}
+    got = fused_low.state_dict()
+    assert got.keys() == expected.keys()
+    off = [k for k in got if not torch.equal(got[k], expected[k])]
+    assert not off, f"{case.name}: merged {dtype} weights are not the once-rounded float32 merge: {_sample(off)}"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Several adapters
 # ----------------------------------------------------------------------------------------------------------------------
@@ -974,6 +995,22 @@ def check_requires_grad_after_loading(case: Case, saved: SavedAdapters) -> None:
                 f"load_adapter(is_trainable=False) made {len(added)} parameter(s) trainable: {_sample(added)}"
             )
     problems.raise_if_any()
+
+
+@torch.no_grad()
+def check_low_cpu_mem_usage_load(case: Case, saved: SavedAdapters) -> None:
+    """peft's meta-device path (how large bases are loaded): ``from_pretrained(..., low_cpu_mem_usage=True)`` builds
+    the adapters on the meta device and assigns the checkpoint to them; the result equals a normal load and holds no
+    meta tensor. ``inject_adapter_in_model(..., low_cpu_mem_usage=True)`` leaves only adapter tensors on meta."""
+    model = PeftModel.from_pretrained(case.make_base(), saved.dirs[0], low_cpu_mem_usage=True).eval()
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not meta, f"{case.name}: tensors left on the meta device: {_sample(meta)}"
+    assert_close(
+        forward_logits(model, saved.x), saved.expected[0], case.tolerance("save_load"), "low_cpu_mem_usage load"
+    )
+    injected = inject_adapter_in_model(case.make_config(), case.make_base(), low_cpu_mem_usage=True)
+    meta = [n for n, p in injected.named_parameters() if p.is_meta]
+    assert meta and all(case.is_adapter_key(n) for n in meta), f"{case.name}: meta tensors {_sample(meta)}"
 
 
 # Ways a checkpoint directory can be damaged; `check_damaged_checkpoint` applies one and expects a clear error.

@@ -230,7 +230,8 @@ class WrapperReplaceMixin:
         reference = next(new_module.get_base_layer().parameters(), None)
         if reference is not None and reference.device != torch.device("meta"):
             for name, module in new_module.named_modules():
-                if self.prefix in name:
+                # Modules on the meta device (`low_cpu_mem_usage=True`) get their tensors from the checkpoint.
+                if self.prefix in name and not any(p.is_meta for p in module.parameters()):
                     module.to(reference.device)
 
 

@@ -161,7 +161,8 @@ class ConvAdapterLayer(BaseTunerLayer):
         return a, c
 
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact change ``(dW, db)`` of the conv's kernel and bias that adapter ``adapter_name`` amounts to.
+        """The exact change ``(dW, db)`` of the conv's kernel and bias that adapter ``adapter_name`` amounts to, in
+        float32 (callers add it to the weights in float32 and round once to the conv's dtype).
 
         For a "bn" adapter the change is relative to the base conv's current (unmerged) weight.
         """
@@ -172,13 +173,13 @@ class ConvAdapterLayer(BaseTunerLayer):
             bias = base.bias.float() if base.bias is not None else torch.zeros_like(a)
             delta_w = a.view(-1, 1, 1, 1) * weight.float()
             delta_b = a * bias + c
-            return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
+            return delta_w, delta_b
 
         centre, delta_b = self._centre_tap_delta(adapter_name)
         kh, kw = base.kernel_size
         # The 1x1 kernel W1 diag(a) goes to the centre tap: (C_out, C_in/g, 1, 1) -> (C_out, C_in/g, kh, kw).
         delta_w = F.pad(centre[:, :, None, None], (kw // 2, kw // 2, kh // 2, kh // 2))
-        return delta_w.to(weight.dtype), delta_b.to(weight.dtype)
+        return delta_w, delta_b
 
     def _centre_tap_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """For a "conv" adapter: the centre-tap kernel ``W1 diag(a)`` ``(C_out, C_in/g)`` and bias ``W1 c + b1``."""
@@ -207,19 +208,20 @@ class ConvAdapterLayer(BaseTunerLayer):
         """
         base = self.get_base_layer()
         kh, kw = base.kernel_size
-        weight = base.weight.clone()  # (C_out, C_in/g, kh, kw)
-        bias = None if base.bias is None else base.bias.clone()
+        # Summed in float32 and rounded once to the conv's dtype, as `merge` does: unmerged eval equals the merged
+        # model bit for bit, also on a bf16/fp16 base.
+        weight = base.weight.to(torch.float32, copy=True)  # (C_out, C_in/g, kh, kw)
+        bias = None if base.bias is None else base.bias.to(torch.float32, copy=True)
         for name in active:
             if self.adapter_type[name] == "conv":
                 centre, delta_b = self._centre_tap_delta(name)
-                # In place on the clone: touches C_out x C_in/g entries instead of building a padded k x k delta.
-                weight[:, :, kh // 2, kw // 2] += centre.to(weight.dtype)
+                # In place on the copy: touches C_out x C_in/g entries instead of building a padded k x k delta.
+                weight[:, :, kh // 2, kw // 2] += centre
             else:
                 delta_w, delta_b = self.get_delta_weight(name)
                 weight = weight + delta_w
-            delta_b = delta_b.to(weight.dtype)
             bias = delta_b if bias is None else bias + delta_b
-        return weight, bias
+        return weight.to(base.weight.dtype), None if bias is None else bias.to(base.weight.dtype)
 
 
 class Conv2d(nn.Module, ConvAdapterLayer):
@@ -272,8 +274,13 @@ class Conv2d(nn.Module, ConvAdapterLayer):
                     stacklevel=2,
                 )
             delta_w, delta_b = self.get_delta_weight(name)
-            new_weight = base.weight.data + delta_w
-            new_bias = (base.bias.data if base.bias is not None else torch.zeros_like(delta_b)) + delta_b
+            # Sum in float32 and round once: a bf16/fp16 conv then merges as exactly as its dtype allows.
+            dtype = base.weight.dtype
+            new_weight = (base.weight.data.float() + delta_w.float()).to(dtype)
+            old_bias = (
+                base.bias.data.float() if base.bias is not None else torch.zeros_like(delta_b, dtype=torch.float)
+            )
+            new_bias = (old_bias + delta_b.float()).to(dtype)
             if safe_merge and not (torch.isfinite(new_weight).all() and torch.isfinite(new_bias).all()):
                 raise ValueError(f"NaNs or Infs detected while merging conv adapter {name!r}; the adapter is broken.")
             if self.adapter_type[name] == "bn":
@@ -306,8 +313,8 @@ class Conv2d(nn.Module, ConvAdapterLayer):
                     base.bias.data = bias
             else:
                 delta_w, delta_b = self.get_delta_weight(name)
-                base.weight.data -= delta_w
-                base.bias.data -= delta_b
+                base.weight.data = (base.weight.data.float() - delta_w.float()).to(base.weight.dtype)
+                base.bias.data = (base.bias.data.float() - delta_b.float()).to(base.bias.dtype)
         if self._bias_created_by_merge:
             base.bias = None
             self._bias_created_by_merge = False

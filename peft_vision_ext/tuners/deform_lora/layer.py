@@ -64,12 +64,13 @@ class _LoraMixin(BaseTunerLayer):
                 continue
             updates = []
             for weight, rows, part in self._weights_to_update(name):
-                delta = self.delta_weight(name, part).to(weight.dtype)
-                if safe_merge and not torch.isfinite(weight.data[rows] + delta).all():
+                # Sum in float32 and round once: bf16/fp16 weights merge as exactly as their dtype allows.
+                merged = (weight.data[rows].float() + self.delta_weight(name, part).float()).to(weight.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs or Infs detected in the merged weights of adapter {name!r}; not merged.")
-                updates.append((weight, rows, delta))
-            for weight, rows, delta in updates:
-                weight.data[rows] += delta
+                updates.append((weight, rows, merged))
+            for weight, rows, merged in updates:
+                weight.data[rows] = merged
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -79,7 +80,8 @@ class _LoraMixin(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             for weight, rows, part in self._weights_to_update(name):
-                weight.data[rows] -= self.delta_weight(name, part).to(weight.dtype)
+                data = weight.data
+                data[rows] = (data[rows].float() - self.delta_weight(name, part).float()).to(data.dtype)
 
 
 class LoraLinear(nn.Module, _LoraMixin):

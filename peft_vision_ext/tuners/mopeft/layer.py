@@ -449,12 +449,15 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
             updates = []
             for target in settings["lora_targets"]:
                 linear, rows = self.family.projection(self.base_layer, target)
-                delta = self.get_delta_weight(name, target).to(linear.weight.dtype)
-                if safe_merge and not torch.isfinite(linear.weight.data[rows] + delta).all():
+                # Sum in float32 and round once: bf16/fp16 blocks merge as exactly as their dtype allows.
+                merged = (linear.weight.data[rows].float() + self.get_delta_weight(name, target).float()).to(
+                    linear.weight.dtype
+                )
+                if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs or Infs detected in the merged weights of adapter {name!r}; not merged.")
-                updates.append((linear, rows, delta))
-            for linear, rows, delta in updates:
-                linear.weight.data[rows] += delta
+                updates.append((linear, rows, merged))
+            for linear, rows, merged in updates:
+                linear.weight.data[rows] = merged
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -468,7 +471,8 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
                 continue
             for target in settings["lora_targets"]:
                 linear, rows = self.family.projection(self.base_layer, target)
-                linear.weight.data[rows] -= self.get_delta_weight(name, target).to(linear.weight.dtype)
+                weight = linear.weight.data
+                weight[rows] = (weight[rows].float() - self.get_delta_weight(name, target).float()).to(weight.dtype)
 
     def __repr__(self) -> str:
         return "mopeft." + super().__repr__()

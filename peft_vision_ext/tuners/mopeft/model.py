@@ -147,6 +147,8 @@ class MoPEFTModel(CheckedTunerMixin, WrapperReplaceMixin, BaseTuner):
             "pruned": (peft_config.pruned or {}).get(current_key),
             "frozen_gates": (peft_config.frozen_gates or {}).get(current_key),
         }
+        if not any(m != "prefix" or kwargs["with_prefix"] for m in peft_config.sub_methods):
+            return  # nothing of this adapter lives in this block (VPT-shallow past the first block): leave it alone
         if isinstance(target, MoPEFTLayer):
             target.update_layer(adapter_name, **kwargs)
             return
