@@ -232,13 +232,60 @@ def test_trainable_load_of_deformable_lora_with_adapters_trains_only_the_adapter
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Mixed-adapter batches are refused in words until they are supported
+# Mixed-adapter batches: honoured per row (the matrix checks every method); what cannot work is refused in words
 # ----------------------------------------------------------------------------------------------------------------------
-def test_adapter_names_argument_is_not_ignored():
-    model = _conv_peft(make_tiny_cnn())
+@pytest.fixture
+def two_adapter_cnn():
+    model = _conv_peft(make_tiny_cnn(), init_weights=False).eval()
     model.add_adapter("b", ConvAdapterConfig(init_weights=False))
-    with pytest.raises(ValueError, match=r"`adapter_names`=\['default', 'b'\]"):
-        model(torch.randn(2, 3, 16, 16), adapter_names=["default", "b"])
+    return model
+
+
+@pytest.mark.parametrize(
+    "adapter_names, extra, error, match",
+    [
+        (["default"], {}, ValueError, r"got 1 names for a batch of 2"),
+        (["default", "nope"], {}, ValueError, r"adapter\(s\) \['nope'\] that the model does not have"),
+        ("default", {}, TypeError, r"must be a list with one adapter name per row"),
+        (["default", 3], {}, TypeError, r"must hold adapter names"),
+        (
+            ["default", "b"],
+            {"labels": torch.zeros(2, 16, 16, dtype=torch.long)},
+            ValueError,
+            r"together with `labels`",
+        ),
+    ],
+    ids=["wrong-length", "unknown-name", "a-string", "not-str", "with-labels"],
+)
+def test_bad_adapter_names_are_refused(two_adapter_cnn, adapter_names, extra, error, match):
+    with pytest.raises(error, match=match):
+        two_adapter_cnn(torch.randn(2, 3, 16, 16), adapter_names=adapter_names, **extra)
+
+
+def test_adapter_names_refused_in_training_mode_and_when_merged(two_adapter_cnn):
+    x = torch.randn(2, 3, 16, 16)
+    two_adapter_cnn.train()
+    with pytest.raises(ValueError, match=r"training mode"):
+        two_adapter_cnn(x, adapter_names=["default", "b"])
+    two_adapter_cnn.eval()
+    two_adapter_cnn.merge_adapter()
+    with pytest.raises(ValueError, match=r"merged adapters"):
+        two_adapter_cnn(x, adapter_names=["default", "b"])
+
+
+@torch.no_grad()
+def test_mixed_batch_puts_rows_back_in_order(two_adapter_cnn):
+    x = torch.randn(4, 3, 16, 16)
+    names = ["b", "default", "b", "__base__"]
+    mixed = two_adapter_cnn(x, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with two_adapter_cnn.disable_adapter():
+                expected = two_adapter_cnn(x[row : row + 1])
+        else:
+            two_adapter_cnn.set_adapter(name)
+            expected = two_adapter_cnn(x[row : row + 1])
+        assert rel_diff(mixed[row : row + 1], expected) < 1e-5, (row, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -784,8 +784,8 @@ def check_multiple_adapters(case: Case, saved: SavedAdapters) -> None:
 
 @torch.no_grad()
 def check_mixed_adapter_batch(case: Case) -> None:
-    """``forward(adapter_names=["default", "other"])``: each row computed with its adapter, or a ValueError/TypeError
-    naming ``adapter_names``. Rows silently computed with the active adapter fail."""
+    """``forward(adapter_names=["default", "other"])`` and ``["other", "__base__"]``: each row computed with its
+    adapter (or none), the model unchanged afterwards. Rows silently computed with the active adapter fail."""
     tol = case.tolerance("mixed_batch")
     _, model = build_peft(case, init_weights=False)
     add_adapter(case, model, "other", init_weights=False)
@@ -797,11 +797,10 @@ def check_mixed_adapter_batch(case: Case) -> None:
     model.set_adapter("default")
     model.eval()
     assert rel_diff(out_other[1], out_default[1]) > 1e-3, "the two adapters should compute differently"
-    try:
-        mixed = forward_logits(model, x, adapter_names=["default", "other"])
-    except (ValueError, TypeError) as error:
-        assert "adapter_names" in str(error), f"refused without naming `adapter_names`: {error}"
-        return
+    with model.disable_adapter():
+        out_base = forward_logits(model, x)
+    trainable_before = trainable_names(model)
+    mixed = forward_logits(model, x, adapter_names=["default", "other"])
     if rel_diff(mixed[1], out_default[1]) < tol:
         raise AssertionError(
             "forward(adapter_names=['default', 'other']) silently ignored `adapter_names`: row 1 was computed with "
@@ -809,7 +808,11 @@ def check_mixed_adapter_batch(case: Case) -> None:
         )
     assert_close(mixed[0], out_default[0], tol, "row 0 (adapter 'default') of the mixed batch")
     assert_close(mixed[1], out_other[1], tol, "row 1 (adapter 'other') of the mixed batch")
+    with_base = forward_logits(model, x, adapter_names=["other", "__base__"])
+    assert_close(with_base[0], out_other[0], tol, "row 0 (adapter 'other') of a batch with '__base__'")
+    assert_close(with_base[1], out_base[1], tol, "row 1 ('__base__': no adapter) of the mixed batch")
     assert_close(forward_logits(model, x), out_default, tol, "a mixed batch left the model changed")
+    assert trainable_names(model) == trainable_before, "a mixed batch changed which parameters train"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

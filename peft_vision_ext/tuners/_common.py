@@ -15,6 +15,7 @@ from torch import nn
 
 from .._files import check_adapter_dir
 from ..hub import update_model_card
+from ._mixed_batch import check_adapter_names, mixed_batch_forward
 from ._validation import check_modules_to_save
 
 
@@ -257,15 +258,25 @@ class CheckedTunerMixin:
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        # peft's `forward(adapter_names=[...])` (one adapter per row) is dropped silently by tuners that do not handle
-        # it, and every row would use the active adapter: refuse it in words instead.
+        # peft's `forward(adapter_names=[...])` (one adapter per row): tuners that do not handle it drop it silently
+        # and every row uses the active adapter. Here the batch is split by adapter at the model's input for the
+        # duration of this forward (see `_mixed_batch`).
         adapter_names = kwargs.get("adapter_names")
-        if adapter_names is not None:
-            raise ValueError(
-                f"`adapter_names`={adapter_names!r}: {type(self).__name__} does not support mixed-adapter batches yet "
-                "(one adapter per row). Run one forward per adapter with `model.set_adapter(name)` instead."
-            )
-        yield
+        if adapter_names is None:
+            yield
+            return
+        adapter_names = check_adapter_names(self.model, adapter_names, list(self.peft_config))
+        model = self.model
+        forward = model.forward
+
+        def split_forward(*f_args, **f_kwargs):
+            return mixed_batch_forward(model, forward, adapter_names, f_args, f_kwargs)
+
+        model.forward = split_forward  # an instance attribute: `nn.Module.__call__` (and its hooks) still run
+        try:
+            yield
+        finally:
+            del model.forward
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         # Targets are resolved against the model in `_prepare_model`, not from a per-architecture table.
