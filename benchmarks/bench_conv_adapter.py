@@ -12,7 +12,8 @@ What is measured, per encoder (default ``resnet18`` and ``vgg19_bn``, ``num_labe
   compared (``max_abs_diff_*`` in the JSON).
 * **Training** (``model.train()``, one step = ``zero_grad`` + forward with labels + cross-entropy backward + AdamW
   step), per batch size in ``--train-batch-sizes``: ``full_ft`` (plain U-Net, every parameter trainable),
-  ``conv_adapter`` (``ConvAdapterConfig(modules_to_save=["segmentation_head"])``) and ``bn_adapter`` (the same with
+  ``conv_adapter`` (``ConvAdapterConfig(modules_to_save=["segmentation_head"])``), ``conv_adapter_ckpt`` (the same
+  with the U-Net's gradient checkpointing on) and ``bn_adapter`` (the same with
   ``adapter_type="bn"``).
 * **Parameters**: base, trainable with each adapter type, fused (= base + biases created for bias-free convs).
 * **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode`` at batch 1: one inference forward per variant (fused
@@ -114,7 +115,7 @@ from timing import (  # noqa: E402  (a sibling module: this script's folder is o
 
 
 INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
-TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter")
+TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt")
 NUM_LABELS = 3
 
 
@@ -174,6 +175,9 @@ def build_training_variant(name: str, base: nn.Module) -> nn.Module:
         model = build_peft(base, "conv")
     elif name == "bn_adapter":
         model = build_peft(base, "bn")
+    elif name == "conv_adapter_ckpt":  # conv adapters with the U-Net's gradient checkpointing (encoder + decoder)
+        model = build_peft(base, "conv")
+        model.gradient_checkpointing_enable()
     else:
         raise ValueError(f"Unknown training variant {name!r}.")
     return model.train()
@@ -519,8 +523,8 @@ def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]
         "",
         "Training FLOPs, one forward + backward at batch 1 (GFLOPs; ratio vs full FT).",
         "",
-        "| encoder | full_ft | conv_adapter | bn_adapter |",
-        "|---|---|---|---|",
+        "| encoder | " + " | ".join(TRAINING_VARIANTS) + " |",
+        "|---" * (len(TRAINING_VARIANTS) + 1) + "|",
     ]
     for encoder, result in results.items():
         t = result["flops"]["training_forward_backward"]

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_conv_adapter.py"
 INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
-TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter")
+TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt")
 
 
 @pytest.fixture(scope="module")
