@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# --overwrite_output_dir: a second `make demo` rewrites its own outputs (a recipe refuses a non-empty output
+# directory without it).
 demo: $(STAMP)
-	$(BIN)/python recipes/space_rocks/run_space_rocks.py recipes/space_rocks/space_rocks.json
+	$(BIN)/python recipes/space_rocks/run_space_rocks.py recipes/space_rocks/space_rocks.json --overwrite_output_dir
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --timeout 900

@@ -22,6 +22,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ._files import atomic_file
+
 
 METHOD_TITLES = {
     "conv_adapter": "Fusable conv adapters (BN + 1x1 conv), peft-vision-ext",
@@ -184,6 +186,7 @@ def update_model_card(
     metrics: Mapping[str, float] | None = None,
     dataset_name: str | None = None,
     dataset_type: str | None = None,
+    model_name: str | None = None,
 ) -> ModelCard:
     """Create or update ``directory/README.md`` with our method's metadata, and metrics when they are known.
 
@@ -196,11 +199,15 @@ def update_model_card(
         metrics: name → value, e.g. ``{"mean_iou": 0.71, "balanced_accuracy": 0.83}``; written as a ``model-index``
             entry (Hub evaluation results) and as a table.
         dataset_name / dataset_type: the evaluation data set, required by the Hub's ``model-index`` format.
+        model_name: the name the ``model-index`` entry gives the model when the card has none; default: the
+            directory's name. Pass it when ``directory`` is a temporary one (see ``atomic_directory``).
 
     ``pipeline_tag`` (and a tag of the same name) is the task of the adapted model class (:func:`base_model_class`,
     :func:`pipeline_tag_for`): ``object-detection`` for a ``*ForObjectDetection`` head, ``image-segmentation`` for
     semantic/universal/instance segmentation, ``image-feature-extraction`` for a bare vision encoder or backbone. When
     the class or its task is unknown, no tag is invented (a tag already on the card stays).
+
+    The card is replaced in one step (temporary file and rename): an interruption leaves the old card or the new one.
     """
     path = os.path.join(os.fspath(directory), "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
@@ -252,10 +259,11 @@ def update_model_card(
             for name, value in metrics.items()
         ]
         data.eval_results = results
-        data.model_name = data.model_name or os.path.basename(os.path.abspath(os.fspath(directory)))
+        data.model_name = data.model_name or model_name or os.path.basename(os.path.abspath(os.fspath(directory)))
         table = "\n".join(f"| {name} | {float(value):.4f} |" for name, value in metrics.items())
         heading = "## Evaluation results"
         text = text.split(heading)[0].rstrip() + f"\n\n{heading}\n\n| metric | value |\n|---|---|\n{table}\n"
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{text.lstrip()}")
-    card.save(path)
+    with atomic_file(path) as temporary:
+        card.save(temporary)
     return card

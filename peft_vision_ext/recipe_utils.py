@@ -1,9 +1,16 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 """What the recipes in ``recipes/`` share: argument handling and per-run training arguments for the Trainer
-scripts, and the plain training and evaluation loops of their ``accelerate launch`` twins."""
+scripts, and the plain training and evaluation loops of their ``accelerate launch`` twins.
+
+Output safety, as in the transformers examples: a recipe refuses a non-empty ``--output_dir`` unless
+``--overwrite_output_dir`` is given; with it, the recipe writes into the directory, replacing what it writes. Every file
+a recipe writes is replaced in one step (temporary file and rename) and every model or adapter folder through
+:func:`peft_vision_ext._files.atomic_directory`, so an interrupted run leaves complete old outputs or complete new
+ones."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -15,6 +22,26 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, get_scheduler
 
+from ._files import atomic_directory, atomic_file, atomic_write_text, check_output_dir
+
+
+OVERWRITE_OUTPUT_DIR = "--overwrite_output_dir"
+_OVERWRITE_HELP = (
+    "Write into a non-empty --output_dir: the files and model folders this run writes replace those there; other "
+    "files are left alone. Without it a non-empty --output_dir is refused."
+)
+
+
+def check_recipe_output_dir(parser: argparse.ArgumentParser, output_dir: str, overwrite: bool) -> None:
+    """Refuse (``parser.error``: one message, exit status 2, before any work) an ``--output_dir`` that is a file, lies
+    below a file, or is a non-empty directory while ``overwrite`` (``--overwrite_output_dir``) is false."""
+    try:
+        check_output_dir(
+            output_dir, overwrite=overwrite, argument="`--output_dir`", overwrite_hint=f"`{OVERWRITE_OUTPUT_DIR}`"
+        )
+    except (ValueError, FileExistsError) as exc:
+        parser.error(str(exc))
+
 
 def parse_recipe_args(
     dataclass_types: Sequence[type],
@@ -23,17 +50,44 @@ def parse_recipe_args(
     default_output_dir: str,
     quick: Mapping[str, Any] | None = None,
 ) -> tuple[HfArgumentParser, tuple]:
-    """Parse a recipe's arguments like the transformers examples: one ``.json`` settings path, or command-line flags
-    (``--output_dir`` defaults to ``default_output_dir``). When a parsed dataclass has ``quick=True``, every field
-    named in ``quick`` is overridden in every dataclass that has it. Returns the parser (for ``parser.error``) and
-    the parsed dataclasses, in the order given."""
+    """Parse a recipe's arguments like the transformers examples: a ``.json`` settings path (optionally followed by
+    ``--overwrite_output_dir``, which the file may also set), or command-line flags (``--output_dir`` defaults to
+    ``default_output_dir``). When a parsed dataclass has ``quick=True``, every field named in ``quick`` is overridden
+    in every dataclass that has it. A non-empty output directory is refused unless ``--overwrite_output_dir`` is
+    given (:func:`check_recipe_output_dir`). Returns the parser (for ``parser.error``) and the parsed dataclasses, in
+    the order given."""
     parser = HfArgumentParser(tuple(dataclass_types))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+    # transformers 4.x's TrainingArguments has the field itself (5.x dropped it): then it is parsed as such.
+    in_dataclass = any(f.name == "overwrite_output_dir" for t in dataclass_types for f in dataclasses.fields(t))
+    if not in_dataclass:
+        parser.add_argument(OVERWRITE_OUTPUT_DIR, action="store_true", help=_OVERWRITE_HELP)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].endswith(".json"):
+        extra = [arg for arg in argv[1:] if arg != OVERWRITE_OUTPUT_DIR]
+        if extra:
+            parser.error(
+                f"after the settings file {argv[0]!r} only {OVERWRITE_OUTPUT_DIR} is accepted, got {extra}; put the "
+                "other settings in the file."
+            )
+        if not os.path.isfile(argv[0]):
+            parser.error(f"settings file {argv[0]!r} does not exist; pass the path of a recipe's .json settings.")
+        with open(argv[0]) as handle:
+            settings = json.load(handle)
+        if OVERWRITE_OUTPUT_DIR in argv[1:]:
+            settings["overwrite_output_dir"] = True
+        overwrite = bool(settings.get("overwrite_output_dir", False))
+        if not in_dataclass:
+            settings.pop("overwrite_output_dir", None)
+        parsed = list(parser.parse_dict(settings))
     else:
         defaults = ["--output_dir", default_output_dir] if "--output_dir" not in argv else []
-        parsed = parser.parse_args_into_dataclasses(defaults + argv)
+        parsed = list(parser.parse_args_into_dataclasses(defaults + argv))
+        if not in_dataclass:
+            overwrite = parsed.pop().overwrite_output_dir  # the namespace of the flags outside the dataclasses
+        else:
+            overwrite = any(getattr(args, "overwrite_output_dir", False) for args in parsed)
+    output_dir = next(args.output_dir for args in parsed if hasattr(args, "output_dir"))
+    check_recipe_output_dir(parser, output_dir, overwrite)
     if quick and any(getattr(args, "quick", False) for args in parsed):
         for args in parsed:
             if isinstance(args, TrainingArguments):
@@ -170,15 +224,14 @@ def save_rank_state(accelerator, model: torch.nn.Module, output_dir: str) -> Non
         state = get_peft_model_state_dict(unwrapped)
     else:
         state = {k: p for k, p in unwrapped.named_parameters() if p.requires_grad}
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()},
-        os.path.join(output_dir, f"rank{accelerator.process_index}.safetensors"),
-    )
+    with atomic_file(os.path.join(output_dir, f"rank{accelerator.process_index}.safetensors")) as temporary:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, temporary)
 
 
 def add_accelerate_arguments(parser, *, seed: int) -> None:
     """The command-line flags every accelerate twin shares (run layout, batch sizes, seed, CPU/DDP test switches)."""
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument(OVERWRITE_OUTPUT_DIR, action="store_true", help=_OVERWRITE_HELP)
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -194,9 +247,17 @@ def add_accelerate_arguments(parser, *, seed: int) -> None:
     )
 
 
+def parse_accelerate_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` for a twin, then :func:`check_recipe_output_dir` (every process checks before any of
+    them creates the folder: :func:`start_accelerate_run` waits for all of them first)."""
+    args = parser.parse_args(argv)
+    check_recipe_output_dir(parser, args.output_dir, args.overwrite_output_dir)
+    return args
+
+
 def start_accelerate_run(args, **accelerator_kwargs):
     """The ``Accelerator`` of a twin run (gradient accumulation and ``--cpu`` from ``args``), with logging set up, the
-    seed set and the output folder created."""
+    seed set and the output folder created once every process has checked it (:func:`parse_accelerate_args`)."""
     import logging
 
     from accelerate import Accelerator
@@ -209,17 +270,22 @@ def start_accelerate_run(args, **accelerator_kwargs):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     get_logger(__name__).info(accelerator.state, main_process_only=False)
     set_seed(args.seed)
+    accelerator.wait_for_everyone()
     os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
 
 
 def save_from_main_process(accelerator, model: torch.nn.Module, directory: str) -> None:
-    """``save_pretrained`` of the unwrapped model by the main process, with every process waiting before and after
-    (so no process reads the folder half-written)."""
+    """``save_pretrained`` of the unwrapped model by the main process into a temporary folder renamed to
+    ``directory`` when complete (:func:`peft_vision_ext._files.atomic_directory`; an existing ``directory`` is
+    replaced), with every process waiting before and after (so no process reads the folder half-written). The model
+    must be whole on the main process (DDP), not sharded."""
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(
-        directory, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-    )
+    if accelerator.is_main_process:
+        with atomic_directory(directory, overwrite=True) as temporary:
+            accelerator.unwrap_model(model).save_pretrained(
+                temporary, is_main_process=True, save_function=accelerator.save
+            )
     accelerator.wait_for_everyone()
 
 
@@ -266,8 +332,7 @@ def finish_accelerate_run(accelerator, model: torch.nn.Module, args, results: di
         **results,
     }
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
+        atomic_write_text(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
         get_logger(__name__).info("results: %s", results)
     accelerator.end_training()
     return results

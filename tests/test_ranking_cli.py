@@ -174,12 +174,13 @@ def test_cli_rank_export_fuse_round_trip(saved_unet_and_adapter, tmp_path, capsy
 
 def test_cli_errors(saved_unet_and_adapter, tmp_path, capsys):
     root = saved_unet_and_adapter
-    with pytest.raises(SystemExit):
-        cli(["rank", str(tmp_path / "missing")])
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli(["rank", str(root / "adapter"), "--score", "relative"])
-    assert "--score relative needs --base" in capsys.readouterr().err
+    assert cli(["rank", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == (
+        f"peft-vision rank: error: `adapter`: Adapter directory '{tmp_path / 'missing'}' does not exist. Pass the "
+        "folder that `save_pretrained` wrote.\n"
+    )
+    assert cli(["rank", str(root / "adapter"), "--score", "relative"]) == 2
+    assert "`--score relative` needs `--base`" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(root / "adapter", broken)
     os.remove(broken / "adapter_model.safetensors")

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
@@ -47,6 +49,80 @@ def test_space_rocks_quick(tmp_path):
     # the saved adapter directories are standard peft directories with a model card carrying the metrics
     card = (tmp_path / "mars" / "conv_adapter" / "README.md").read_text()
     assert "balanced_accuracy" in card and "model-index" in card
+    # written through temporary siblings: none is left, and the card names the adapter, not its temporary folder
+    assert "name: conv_adapter" in card and ".tmp-" not in card
+    assert not [name for _, dirs, files in os.walk(tmp_path) for name in dirs + files if ".tmp-" in name]
+
+
+def _import_recipe(folder: str, module: str):
+    path = os.path.join(ROOT, "recipes", folder)
+    sys.path.insert(0, path)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(path)
+
+
+RECIPE_SCRIPTS = [
+    ("space_rocks", "run_space_rocks"),
+    ("space_rocks", "run_space_rocks_no_trainer"),
+    ("sam_mopeft", "run_sam_mopeft"),
+    ("sam_mopeft", "run_sam_mopeft_no_trainer"),
+    ("mask2former_instance", "run_mask2former_instance"),
+    ("mask2former_instance", "run_mask2former_instance_no_trainer"),
+]
+
+
+@pytest.mark.parametrize("folder, module", RECIPE_SCRIPTS, ids=[m for _, m in RECIPE_SCRIPTS])
+def test_recipes_refuse_a_non_empty_output_dir(tmp_path, capsys, folder, module):
+    """As in the transformers examples: a used --output_dir needs --overwrite_output_dir; refused before any work."""
+    recipe = _import_recipe(folder, module)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "results.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_args(["--output_dir", str(used), "--quick"])
+    assert exit_info.value.code == 2
+    assert (
+        f"`--output_dir` '{used}' already exists and is not empty (1 entry: 'results.json'). Pass "
+        "`--overwrite_output_dir` if it may be overwritten"
+    ) in capsys.readouterr().err
+    assert os.listdir(used) == ["results.json"]
+    recipe.parse_args(["--output_dir", str(used), "--quick", "--overwrite_output_dir"])
+    recipe.parse_args(["--output_dir", str(tmp_path / "new" / "dir"), "--quick"])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--output_dir", str(tmp_path / "a-file"), "--quick", "--overwrite_output_dir"])
+    assert "is an existing file, not a directory" in capsys.readouterr().err
+
+
+def test_make_demo_reruns_over_its_own_outputs(tmp_path, capsys):
+    """The Makefile's demo command (settings file + --overwrite_output_dir) is accepted over a used output folder;
+    the settings file alone is refused there, and no other flag may follow it."""
+    recipe = _import_recipe("space_rocks", "run_space_rocks")
+    with open(os.path.join(ROOT, "Makefile")) as handle:
+        demo = next(line.split() for line in handle if "run_space_rocks.py" in line and line.startswith("\t"))
+    settings_file, *flags = demo[demo.index("recipes/space_rocks/run_space_rocks.py") + 1 :]
+    assert flags == ["--overwrite_output_dir"]
+    settings = json.loads(open(os.path.join(ROOT, settings_file)).read())
+    used = tmp_path / "space_rocks"
+    used.mkdir()
+    (used / "results.md").write_text("an older run")
+    copy = tmp_path / "settings.json"
+    copy.write_text(json.dumps({**settings, "output_dir": str(used)}))
+    model_args, _, _, training_args = recipe.parse_args([str(copy), *flags])
+    assert training_args.output_dir == str(used) and model_args.encoder_name == settings["encoder_name"]
+    with pytest.raises(SystemExit):
+        recipe.parse_args([str(copy)])
+    assert "already exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.parse_args([str(copy), "--seed", "1"])
+    assert "only --overwrite_output_dir is accepted, got ['--seed', '1']" in capsys.readouterr().err
+    copy.write_text(json.dumps({**settings, "output_dir": str(used), "overwrite_output_dir": True}))
+    recipe.parse_args([str(copy)])
+    with pytest.raises(SystemExit):
+        recipe.parse_args([str(tmp_path / "missing.json")])
+    assert "settings file" in capsys.readouterr().err
 
 
 def _run_twin_on_two_cpu_processes(script: str, output_dir, port: int, *extra: str) -> tuple[dict, dict]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from .._files import atomic_file
+
 
 def plot_pareto(
     curves: Mapping[str, Sequence[tuple[float, float]]],
@@ -44,7 +46,8 @@ def plot_pareto(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as temporary:
+        fig.savefig(temporary)
     plt.close(fig)
     return os.fspath(path)
 
@@ -103,6 +106,7 @@ def plot_score_vs_trainable(
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 6))
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path)
+    with atomic_file(path) as temporary:
+        fig.savefig(temporary)
     plt.close(fig)
     return os.fspath(path)

@@ -28,8 +28,8 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
+from .._files import atomic_directory, check_adapter_dir, check_output_dir
 from ..tuners.conv_adapter import ConvAdapterConfig, ConvAdapterLayer
-from .._files import check_adapter_dir
 
 
 SCORES = ("z", "rms", "relative")
@@ -95,11 +95,20 @@ def _relative_update(model: PeftModel, adapter_name: str) -> dict[str, float]:
     return out
 
 
+def _check_adapter_name(model: PeftModel | None, adapter_name: str) -> None:
+    if model is not None and adapter_name not in model.peft_config:
+        raise ValueError(
+            f"`adapter_name` {adapter_name!r} is not an adapter of this model; it has {sorted(model.peft_config)}. "
+            "Pass one of those."
+        )
+
+
 def _load_state(
     source: PeftModel | str | os.PathLike, adapter_name: str
 ) -> tuple[dict[str, torch.Tensor], str | None]:
     """The adapter's state dict, and the path of its weights file when ``source`` is a directory."""
     if isinstance(source, PeftModel):
+        _check_adapter_name(source, adapter_name)
         return get_peft_model_state_dict(source, adapter_name=adapter_name), None
     weights = check_adapter_dir(source)
     return load_file(weights), weights
@@ -112,7 +121,8 @@ def score_adapters(
 
     Args:
         source: a ``PeftModel`` with conv adapters, or an adapter directory written by ``save_pretrained``.
-        adapter_name: which adapter of a multi-adapter model to score.
+        adapter_name: which adapter of a multi-adapter model to score (for a directory: the name it has in
+            ``model``). A name the model does not have raises ``ValueError``, listing the names it has.
         model: for a directory, the ``PeftModel`` with that adapter loaded; needed only for the ``"relative"``
             score (which needs the base weights). When ``source`` is a model it is used directly.
 
@@ -122,6 +132,7 @@ def score_adapters(
     """
     if isinstance(source, PeftModel):
         model = source
+    _check_adapter_name(model, adapter_name)
     state, _ = _load_state(source, adapter_name)
     groups = _group_by_module(state)
     if not groups:
@@ -197,6 +208,7 @@ def select_adapters(
 
 def _load_config(source: PeftModel | str | os.PathLike, adapter_name: str) -> ConvAdapterConfig:
     if isinstance(source, PeftModel):
+        _check_adapter_name(source, adapter_name)
         config = source.peft_config[adapter_name]
     else:
         config = ConvAdapterConfig.from_pretrained(os.fspath(source))
@@ -210,12 +222,21 @@ def export_adapters(
     output_dir: str | os.PathLike,
     keep: Iterable[str],
     adapter_name: str = "default",
+    *,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write a standard adapter directory that holds only the adapters in ``keep`` (plus ``modules_to_save``).
 
     ``PeftModel.from_pretrained(base, output_dir)`` loads it: its config targets exactly the kept convs. The returned
     result reports the weights file size in bytes, against the size of the full adapter.
+
+    ``output_dir`` is written whole (see :func:`peft_vision_ext._files.atomic_directory`): an interrupted export leaves
+    the old directory or none. An existing non-empty ``output_dir`` is replaced only with ``overwrite=True``; the
+    ``source`` directory itself, or a directory that contains it or lies inside it, is always refused.
     """
+    output_dir = os.fspath(output_dir)
+    inputs = {} if isinstance(source, PeftModel) else {"the source adapter directory `source`": source}
+    check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
     config = _load_config(source, adapter_name)
     state, source_weights = _load_state(source, adapter_name)
     groups = _group_by_module(state)
@@ -230,13 +251,17 @@ def export_adapters(
         raise ValueError("`keep` is empty: an adapter directory needs at least one adapter.")
     kept_state = {k: v.contiguous() for k, v in state.items() if _module_of(k) is None or _module_of(k) in keep}
 
-    output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    weights_path = os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME)
-    save_file(kept_state, weights_path, metadata={"format": "pt"})
-    exported = ConvAdapterConfig(**{**config.to_dict(), "target_modules": sorted(keep)})
+    settings = {**config.to_dict(), "target_modules": sorted(keep)}
+    if "auto_target_modules" in settings:
+        # The kept convs are an explicit subset: loading must not expect every conv of the base to be adapted.
+        settings["auto_target_modules"] = False
+    exported = ConvAdapterConfig(**settings)
     exported.inference_mode = True
-    exported.save_pretrained(output_dir)
+    with atomic_directory(output_dir, overwrite=overwrite) as temporary:
+        weights_path = os.path.join(temporary, SAFETENSORS_WEIGHTS_NAME)
+        save_file(kept_state, weights_path, metadata={"format": "pt"})
+        nbytes = os.path.getsize(weights_path)
+        exported.save_pretrained(temporary)
 
     if source_weights is None:
         # The exact size the full adapter's safetensors file would have (tensors plus JSON header).
@@ -247,7 +272,7 @@ def export_adapters(
         path=output_dir,
         kept=sorted(keep),
         dropped=sorted(set(groups) - set(keep)),
-        nbytes=os.path.getsize(weights_path),
+        nbytes=nbytes,
         full_nbytes=full_nbytes,
     )
 

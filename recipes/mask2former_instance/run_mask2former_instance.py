@@ -46,7 +46,7 @@ from peft_vision_ext.data import (
 )
 from peft_vision_ext.metrics import evaluate_instance_segmentation
 from peft_vision_ext.models import small_mask2former_config
-from peft_vision_ext.recipe_utils import parse_recipe_args, train_with_trainer
+from peft_vision_ext.recipe_utils import atomic_write_text, parse_recipe_args, train_with_trainer
 
 
 logger = logging.getLogger(__name__)
@@ -281,11 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if "zero_shot" in row
             },
         )
-    with open(os.path.join(training_args.output_dir, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
     table = markdown_table(results, peft_args)
-    with open(os.path.join(training_args.output_dir, "results.md"), "w") as handle:
-        handle.write(table)
+    atomic_write_text(os.path.join(training_args.output_dir, "results.md"), table)
     print(table)
     return results
 

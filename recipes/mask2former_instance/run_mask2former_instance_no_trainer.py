@@ -44,6 +44,7 @@ from peft_vision_ext.recipe_utils import (
     accelerate_train,
     add_accelerate_arguments,
     finish_accelerate_run,
+    parse_accelerate_args,
     pretrain_source_model,
     start_accelerate_run,
 )
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapt_epochs", type=int, default=12)
     parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
     parser.add_argument("--learning_rate", type=float, default=None, help="default: 1e-2 PEFT, 1e-3 decoder and full")
-    args = parser.parse_args(argv)
+    args = parse_accelerate_args(parser, argv)
     if args.quick:
         args.image_size, args.embed_dim, args.depths, args.num_heads = 64, 16, [1, 1, 1, 1], [1, 1, 2, 2]
         args.hidden_dim, args.encoder_layers, args.decoder_layers, args.num_queries = 32, 1, 3, 8

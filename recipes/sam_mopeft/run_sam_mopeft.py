@@ -38,7 +38,7 @@ from peft_vision_ext.adaptation import (
 from peft_vision_ext.analysis import collect_gate_statistics, plot_gate_usage
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
 from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
-from peft_vision_ext.recipe_utils import parse_recipe_args, train_with_trainer
+from peft_vision_ext.recipe_utils import atomic_write_text, parse_recipe_args, train_with_trainer
 from peft_vision_ext.tuners.mopeft import MOPEFT_PRESETS
 
 
@@ -315,11 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
             os.path.join(training_args.output_dir, "gates.png"),
             title="MoPEFT gates on each target domain (test set)",
         )
-    with open(os.path.join(training_args.output_dir, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    atomic_write_text(os.path.join(training_args.output_dir, "results.json"), json.dumps(results, indent=2))
     table = markdown_tables(results, peft_args)
-    with open(os.path.join(training_args.output_dir, "results.md"), "w") as handle:
-        handle.write(table)
+    atomic_write_text(os.path.join(training_args.output_dir, "results.md"), table)
     print(table)
     return results
 

@@ -34,6 +34,7 @@ from peft_vision_ext.recipe_utils import (
     accelerate_train,
     add_accelerate_arguments,
     finish_accelerate_run,
+    parse_accelerate_args,
     pretrain_source_model,
     start_accelerate_run,
 )
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--learning_rate", type=float, default=None, help="default: 3e-3 PEFT, 1e-3 decoder, 5e-4 full"
     )
-    args = parser.parse_args(argv)
+    args = parse_accelerate_args(parser, argv)
     if args.quick:
         args.image_size, args.hidden_size, args.num_hidden_layers, args.window_size = 64, 32, 2, 3
         args.global_attn_indexes, args.decoder_hidden_size, args.prefix_length = [1], 16, 4

@@ -9,9 +9,10 @@
 5. Keep several fractions (top 66% among them), export each as an adapter directory, reload and evaluate it.
 6. Fuse (``merge_and_unload``) and check that the fused model equals the adapter model at the base model's cost.
 
-Writes ``results.json``, ``results.md`` and ``pareto_<domain>.png`` to ``--output_dir``.
+Writes ``results.json``, ``results.md`` and ``pareto_<domain>.png`` to ``--output_dir`` (a non-empty one only with
+``--overwrite_output_dir``).
 
-    python recipes/space_rocks/run_space_rocks.py recipes/space_rocks/space_rocks.json
+    python recipes/space_rocks/run_space_rocks.py recipes/space_rocks/space_rocks.json [--overwrite_output_dir]
     python recipes/space_rocks/run_space_rocks.py --output_dir outputs/quick --quick
 """
 
@@ -47,7 +48,7 @@ from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_seg
 from peft_vision_ext.hub import update_model_card
 from peft_vision_ext.metrics import make_compute_metrics, preprocess_logits_for_metrics
 from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
-from peft_vision_ext.recipe_utils import parse_recipe_args, run_training_args
+from peft_vision_ext.recipe_utils import atomic_directory, atomic_write_text, parse_recipe_args, run_training_args
 
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             run_name="pretrain",
         )
         trainer.train()
-        model.save_pretrained(source_dir)
+        with atomic_directory(source_dir, overwrite=True) as temporary:
+            model.save_pretrained(temporary)
 
     def load_source() -> UNetForSemanticSegmentation:
         return UNetForSemanticSegmentation.from_pretrained(source_dir)
@@ -248,14 +250,16 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = trainer.evaluate(eval_dataset=target_test)
             method_dir = os.path.join(out, domain, method)
             if isinstance(model, PeftModel):
-                model.save_pretrained(method_dir)
-                update_model_card(
-                    method_dir,
-                    method="conv_adapter",
-                    metrics=summary(metrics),
-                    dataset_name=f"peft-vision-ext rocks ({domain})",
-                    dataset_type="procedural-rocks",
-                )
+                with atomic_directory(method_dir, overwrite=True) as temporary:
+                    model.save_pretrained(temporary)
+                    update_model_card(
+                        temporary,
+                        method="conv_adapter",
+                        metrics=summary(metrics),
+                        dataset_name=f"peft-vision-ext rocks ({domain})",
+                        dataset_type="procedural-rocks",
+                        model_name=method,
+                    )
             rows[method] = {
                 **summary(metrics),
                 "trainable_params": trainable,
@@ -317,7 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
                 unfused_logits = adapter_model(pixel_values=probe).logits
                 fused = adapter_model.merge_and_unload()
                 fused_logits = fused(pixel_values=probe).logits
-            fused.save_pretrained(os.path.join(out, domain, "conv_adapter_fused"))
+            with atomic_directory(os.path.join(out, domain, "conv_adapter_fused"), overwrite=True) as temporary:
+                fused.save_pretrained(temporary)
             domain_result["fusion"] = {
                 "max_relative_logit_difference": (
                     (fused_logits - unfused_logits).abs().max() / unfused_logits.abs().max()
@@ -334,11 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["targets"][domain] = domain_result
 
     results["runtime_seconds"] = time.time() - started
-    with open(os.path.join(out, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     table = markdown_table(results)
-    with open(os.path.join(out, "results.md"), "w") as handle:
-        handle.write(table)
+    atomic_write_text(os.path.join(out, "results.md"), table)
     print(table)
     return results
 

@@ -25,6 +25,7 @@ from peft_vision_ext.recipe_utils import (
     accelerate_train,
     add_accelerate_arguments,
     finish_accelerate_run,
+    parse_accelerate_args,
     pretrain_source_model,
     start_accelerate_run,
 )
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapt_epochs", type=int, default=8)
     parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
-    args = parser.parse_args(argv)
+    args = parse_accelerate_args(parser, argv)
     if args.quick:
         args.image_size, args.source_train_samples, args.target_train_samples, args.test_samples = 64, 16, 8, 8
         args.pretrain_epochs, args.adapt_epochs, args.per_device_train_batch_size = 1, 2, 2
