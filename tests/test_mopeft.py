@@ -306,15 +306,16 @@ def test_other_vit_encoders_train_and_telemetry(factory):
 )
 def test_gradient_checkpointing_recomputes_adapted_blocks(factory, inputs, monkeypatch):
     # `gradient_checkpointing_enable()` arms transformers' GradientCheckpointingLayer blocks; MoPEFT runs the wrapped
-    # block's parts itself, so it must checkpoint that run: each adapted block runs twice per training step (forward,
-    # then the recompute in backward), the gradients are those without checkpointing, and eval is not checkpointed.
+    # block's own (checkpointed) forward with MoPEFT's attention in place of the block's: each adapted block's
+    # attention runs twice per training step (forward, then the recompute in backward), the gradients are those
+    # without checkpointing, and eval is not checkpointed.
     base = factory()
     size = 80 if factory is make_sam else 32
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     family = next(block_family(m) for m in base.modules() if block_family(m) is not None)
     runs = []
-    original = family.run
-    monkeypatch.setattr(family, "run", lambda *a, **k: runs.append(1) or original(*a, **k))
+    original = family.attention
+    monkeypatch.setattr(family, "attention", lambda *a, **k: runs.append(1) or original(*a, **k))
 
     def step(model):
         model.train()

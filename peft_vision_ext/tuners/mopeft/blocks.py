@@ -1,10 +1,17 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 """Transformer-block families that MoPEFT can adapt, recognised by structure rather than by class name.
 
-A family knows three things about a block: where the query/key/value projections are (for LoRA and its merge), how
-to run the block with the MoPEFT hooks in place (LoRA deltas on q/k/v, prefixes in the attention, an adapter on the
-FFN output), and its widths. Each ``run`` mirrors the block's own forward operation by operation, so with LoRA ``B``
-and adapter up-projections at zero the output is the block's own output.
+A family knows three things about a block: where the query/key/value projections are (for LoRA and its merge), where
+MoPEFT enters the block, and its widths. The block always runs its **own** forward (so FSDP's unshard of the block,
+transformers' activation checkpointing and any user hooks apply); MoPEFT enters through three points that
+``MoPEFTLayer`` installs once, at wrap time, on the block's parts (``parts``):
+
+1. a forward hook on the first norm: the gates, from its output pooled over all tokens (``pool``);
+2. the attention module's ``forward``, replaced by a dispatcher that runs the family's ``attention`` (LoRA on q/v,
+   prefixes prepended to K/V, gated) while a plan is active, and the module's own forward otherwise;
+3. a forward hook on the FFN (``mlp``) that adds the gated adapter to its output.
+
+With LoRA ``B`` and adapter up-projections at zero the output is the block's own output.
 
 Families:
 
@@ -49,9 +56,10 @@ def _own_parameters(module: nn.Module) -> set[str]:
     return {name for name, _ in module.named_parameters(recurse=False)}
 
 
-# A family's `run` re-implements the block's forward, so a block matches only if it holds exactly the parts that
-# `run` executes: a block with anything more (Swin's shifted windows and relative-position table, ...) is refused
-# rather than silently run without it.
+# A family's `attention` replaces the block's attention, and its hooks assume the block's layout (first norm ->
+# attention -> residual -> FFN -> residual), so a block matches only if it holds exactly these parts: a block with
+# anything more (Swin's shifted windows and relative-position table, ...) is refused rather than silently run without
+# it.
 _SAM_BLOCK_PARTS = {"layer_norm1", "attn", "layer_norm2", "mlp"}
 _SAM_ATTENTION_PARAMS = {"rel_pos_h", "rel_pos_w"}
 _VIT_BLOCK_PARTS = ({"attention", "layernorm_before", "layernorm_after", "mlp", "dropout"},)
@@ -93,22 +101,31 @@ class SamBlock:
         return block.attn.qkv, slice(index * width, (index + 1) * width)
 
     @staticmethod
-    def run(layer: MoPEFTLayer, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        block = layer.base_layer
-        attn = block.attn
-        batch_size = hidden_states.shape[0]
-        residual = hidden_states
-        normed = block.layer_norm1(hidden_states)  # (B, H, W, C)
-        plan = layer.plan(normed.flatten(1, 2).mean(dim=1))  # gates from all H*W tokens, (B, C) pooled
-        height, width = normed.shape[1], normed.shape[2]
-        windows = normed
-        if block.window_size > 0:
-            windows, padding_shape = block.window_partition(normed, block.window_size)  # (B*nW, ws, ws, C)
-        n, h, w, _ = windows.shape
+    def parts(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """Where MoPEFT enters the block: its first norm, its attention and its FFN."""
+        return block.layer_norm1, block.attn, block.mlp
+
+    @staticmethod
+    def pool(normed: torch.Tensor) -> torch.Tensor:
+        """The gates' input: the first norm's output ``(B, H, W, C)`` mean-pooled over all H*W tokens, ``(B, C)``."""
+        return normed.flatten(1, 2).mean(dim=1)
+
+    @staticmethod
+    def attention(
+        layer: MoPEFTLayer,
+        attn: nn.Module,
+        plan: dict,
+        batch_size: int,
+        hidden_states: torch.Tensor,
+        output_attentions: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SAM's attention with MoPEFT, called as ``attn(hidden_states=...)`` by the block: ``hidden_states`` are the
+        windows ``(n, h, w, C)`` (``n = B * windows per image``; a global block passes the whole ``(B, H, W, C)``
+        map). Returns ``(output (n, h, w, C), attention weights (n * heads, N, L+N) or None)`` as SAM's does."""
+        n, h, w, _ = hidden_states.shape
         repeats = n // batch_size  # windows per image: per-image gates are repeated over them
         heads = attn.num_attention_heads
-
-        qkv = layer.add_lora_to_fused(attn.qkv(windows), windows, plan, repeats)  # (n, h, w, 3C)
+        qkv = layer.add_lora_to_fused(attn.qkv(hidden_states), hidden_states, plan, repeats)  # (n, h, w, 3C)
         # As SAM's attention: one contiguous (3, n, heads, N, hd) copy, so q, k and v are dense.
         qkv = qkv.reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, n, heads, h * w, -1)
         query, key, value = qkv.unbind(0)  # each (n, heads, N, hd)
@@ -117,13 +134,8 @@ class SamBlock:
         if prefix is not None:  # prefixes first, then the window's tokens: (n, heads, L+N, hd)
             key = torch.cat([prefix[0].expand(n, -1, -1, -1), key], dim=2)
             value = torch.cat([prefix[1].expand(n, -1, -1, -1), value], dim=2)
-        output = _sam_attention(attn, query, key, value, bias)  # (n, N, C)
-        output = attn.proj(output.reshape(n, h, w, -1))
-        if block.window_size > 0:
-            output = block.window_unpartition(output, block.window_size, padding_shape, (height, width))
-        hidden_states = residual + output
-        ffn = block.mlp(block.layer_norm2(hidden_states))
-        return hidden_states + layer.adapt_ffn_output(ffn, plan)
+        output, weights = _sam_attention(attn, query, key, value, bias)  # (n, N, C)
+        return attn.proj(output.reshape(n, h, w, -1)), weights
 
 
 def _sam_attention_bias(
@@ -188,13 +200,15 @@ def _sam_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     bias: torch.Tensor | None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SAM's attention (eager or SDPA, as the module is configured) over keys that may start with prefixes.
 
     ``query``: ``(n, heads, N, hd)``; ``key/value``: ``(n, heads, L+N, hd)``; ``bias``: ``(n, heads, N, L+N)`` or None
-    (see `_sam_attention_bias`). Returns ``(n, N, heads*hd)``.
+    (see `_sam_attention_bias`). Returns ``(n, N, heads*hd)`` and, as SAM's eager attention, the attention weights
+    ``(n * heads, N, L+N)`` (None with SDPA).
     """
     n, _, tokens, _ = query.shape
+    weights = None
     if type(attn).__name__.endswith("SdpaAttention"):  # transformers' SamVisionSdpaAttention
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (n, heads, N, hd)
     else:
@@ -202,9 +216,9 @@ def _sam_attention(
         if bias is not None:
             weights = weights + bias
         weights = torch.softmax(weights, dtype=torch.float32, dim=-1).to(query.dtype)
-        weights = F.dropout(weights, p=attn.dropout, training=attn.training)
-        output = weights @ value
-    return output.permute(0, 2, 1, 3).reshape(n, tokens, -1)
+        output = F.dropout(weights, p=attn.dropout, training=attn.training) @ value
+        weights = weights.flatten(0, 1)  # (n * heads, N, L+N): SAM's layout, before dropout as SAM returns them
+    return output.permute(0, 2, 1, 3).reshape(n, tokens, -1), weights
 
 
 class ViTBlock:
@@ -235,27 +249,29 @@ class ViTBlock:
         return linear, slice(0, linear.out_features)
 
     @staticmethod
-    def run(
+    def parts(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """Where MoPEFT enters the block: its first norm, its attention and its FFN (the adapter acts on the FFN
+        output, before layer scale, drop path or dropout)."""
+        return (block.norm1 if hasattr(block, "norm1") else block.layernorm_before), block.attention, block.mlp
+
+    @staticmethod
+    def pool(normed: torch.Tensor) -> torch.Tensor:
+        """The gates' input: the first norm's output ``(B, N, C)`` mean-pooled over all tokens, ``(B, C)``."""
+        return normed.mean(dim=1)
+
+    @staticmethod
+    def attention(
         layer: MoPEFTLayer,
+        attn: nn.Module,
+        plan: dict,
+        batch_size: int,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        block = layer.base_layer
-        dinov2_style = hasattr(block, "norm1")
-        residual = hidden_states
-        normed = (block.norm1 if dinov2_style else block.layernorm_before)(hidden_states)  # (B, N, C)
-        plan = layer.plan(normed.mean(dim=1))  # gates from all tokens, (B, C) pooled
-        attn_out = _vit_attention(layer, block.attention, normed, plan, attention_mask, **kwargs)
-        if dinov2_style:
-            hidden_states = block.drop_path(block.layer_scale1(attn_out)) + residual
-            residual = hidden_states
-            ffn = layer.adapt_ffn_output(block.mlp(block.norm2(hidden_states)), plan)
-            return block.drop_path(block.layer_scale2(ffn)) + residual
-        hidden_states = block.dropout(attn_out) + residual
-        residual = hidden_states
-        ffn = layer.adapt_ffn_output(block.mlp(block.layernorm_after(hidden_states)), plan)
-        return block.dropout(ffn) + residual
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's attention with MoPEFT, called as the block calls its attention module:
+        ``(hidden_states (B, N, C), attention_mask)``. Returns ``(output (B, N, C), attention weights or None)``."""
+        return _vit_attention(layer, attn, hidden_states, plan, attention_mask, **kwargs)
 
 
 def _vit_attention(
@@ -266,7 +282,8 @@ def _vit_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """The block's own attention function (eager, SDPA, ...) with LoRA deltas and prefixes added."""
+    """The block's own attention function (eager, SDPA, ...) with LoRA deltas and prefixes added; returns the output
+    ``(B, N, C)`` and the attention weights the function returns (``(B, heads, N, L+N)`` for eager, else None)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     input_shape = hidden_states.shape[:-1]
@@ -297,7 +314,7 @@ def _vit_attention(
             attention_mask = torch.cat([prefix_cols, token_cols], dim=-1)  # (B, 1 or heads, N, L+N)
     eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
-    output, _ = interface(
+    output, weights = interface(
         attn,
         query,
         key,
@@ -307,7 +324,7 @@ def _vit_attention(
         scaling=attn.scaling,
         **kwargs,
     )
-    return attn.o_proj(output.reshape(*input_shape, -1).contiguous())
+    return attn.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
 
 FAMILIES = (SamBlock, ViTBlock)

@@ -3,8 +3,12 @@
 
 Why the wrapper sits on the block and not on the q/v linears: the gates read the block input pooled over *all*
 spatial tokens, and SAM's attention only ever sees one window at a time, so only the block knows the whole image.
-The block family (``blocks.py``) runs the block with the three hooks below; gates are per image and are repeated over
-the image's windows.
+The wrapper runs the block's **own** forward, so whatever wraps the block applies to the adapted block too: FSDP1/FSDP2
+unsharding the block's parameters, transformers' activation checkpointing, user hooks. MoPEFT enters the block through
+three points installed once, at wrap time, on its parts (``blocks.py``): a forward hook on the first norm computes the
+gates (the "plan" of this run of the block), the attention module's ``forward`` is a dispatcher that runs MoPEFT's
+attention while a plan is active, and a forward hook on the FFN adds the adapter. Gates are per image and are repeated
+over the image's windows. ``unload()``/``merge_and_unload()`` remove all three.
 
 Gates (``gating=True``), from ``pooled = mean over H*W tokens of norm1(x)``, shape ``(B, C)``:
 
@@ -17,6 +21,7 @@ Gates (``gating=True``), from ``pooled = mean over H*W tokens of norm1(x)``, sha
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import zlib
@@ -68,14 +73,24 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
         self.mopeft_settings: dict[str, dict[str, Any]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # Gate hooks (`register_gate_hook`), called with (adapter, sub_method, (B,) gates); muted while gradient
+        # Gate hooks (`register_gate_hook`), called with (adapter, sub_method, (B,) gates); muted while activation
         # checkpointing recomputes a block in backward, so that each forward is recorded once.
         self._gate_hooks: OrderedDict[int, Callable[[str, str, torch.Tensor], None]] = OrderedDict()  # weak-referable
         self._gate_hooks_muted = False
+        # While `forward` runs the block (or backward recomputes it) the entry points below are armed; the block
+        # called on its own, or its parts called directly, run as they are.
+        self._armed = False
+        # Set by `forward` for the first run of the block's first norm: the gates of that run are recorded, those of a
+        # recomputation in backward are not.
+        self._record_gates = False
+        # The plan of the block run in progress, `(plan, batch size B)`: set by the first norm's hook, read by the
+        # attention, cleared by the FFN hook. None: the block runs as it is (adapters disabled, nothing live).
+        self._active_plan: tuple[dict, int] | None = None
         # What peft's utilities read on tuner layers: the block maps hidden size to hidden size.
         self.in_features = self.out_features = family.hidden_size(base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
+        self._install_entry_points()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction
@@ -368,38 +383,112 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
     def _has_live_work(self) -> bool:
         return any(any(self._live(name, m) for m in self.mopeft_settings[name]["live"]) for name in self._active())
 
-    def _checkpointed_run(self, kwargs: dict[str, Any]) -> Callable[..., torch.Tensor]:
-        """The family run for a checkpoint function. It runs again in backward (recomputation); gate telemetry
-        records the forward's gates only, so the recomputation runs without the recorder."""
-        calls = 0
-
-        def run(hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
-            nonlocal calls
-            calls += 1
-            muted = self._gate_hooks_muted
-            self._gate_hooks_muted = muted or calls > 1
-            try:
-                return self.family.run(self, hidden_states, *args, **kwargs)
-            finally:
-                self._gate_hooks_muted = muted
-
-        return run
-
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        # The block's own forward, through its `__call__`: FSDP's pre-forward unshard (FSDP1 wrapper or FSDP2 hooks on
+        # the block), its activation checkpointing (transformers' GradientCheckpointingLayer checkpoints `forward`, so
+        # the entry points below run again when backward recomputes the block) and user hooks all apply. This forward's
+        # gates are recorded once: the first norm's hook takes the flag; a recomputation in backward finds it cleared,
+        # and a recomputation of this whole wrapper (a checkpoint around it) runs inside backward.
+        armed, self._armed = self._armed, True
+        self._record_gates = _in_backward() is not True
+        try:
             return self.base_layer(hidden_states, *args, **kwargs)
-        if not self._has_live_work():
-            return self.base_layer(hidden_states, *args, **kwargs)
-        base = self.base_layer
-        if getattr(base, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-            # `model.gradient_checkpointing_enable()` (or Trainer's `gradient_checkpointing=True`) armed the wrapped
-            # block (a transformers GradientCheckpointingLayer), but its checkpointed `forward` is not what runs here:
-            # the family runs the block's parts itself, so checkpoint that run with the block's own function
-            # (non-reentrant by default). Hidden states go positionally, as the reentrant variant needs.
-            return base._gradient_checkpointing_func(self._checkpointed_run(kwargs), hidden_states, *args)
-        return self.family.run(self, hidden_states, *args, **kwargs)
+        finally:
+            self._armed = armed
+            self._record_gates = False
+            self._active_plan = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Entry points in the wrapped block: installed once at wrap time, removed by `unload_and_optionally_merge_module`.
+    # They are bound methods (and a partial of one) of this layer: `copy.deepcopy` of the model maps them to the copy.
+    # ----------------------------------------------------------------------------------------------------------------
+    def _install_entry_points(self) -> None:
+        norm, attn, ffn = self.family.parts(self.base_layer)
+        # An instance-level `forward` set before us (e.g. by accelerate's hooks) is kept: it runs when no plan is active
+        # and is put back on unload.
+        previous = attn.__dict__.get("forward")
+        attn.forward = functools.partial(self._attention_dispatch, attn, previous)
+        norm.register_forward_hook(self._norm_hook)
+        ffn.register_forward_hook(self._ffn_hook)
+        self._entry_parts = (norm, attn, ffn)  # a plain tuple: not registered as submodules
+
+    def _remove_entry_points(self) -> None:
+        """Remove the hooks and the attention dispatcher: the block is exactly the original modules again."""
+        parts = self.__dict__.pop("_entry_parts", None)
+        if parts is None:
+            return
+        norm, attn, ffn = parts
+        for module, method in ((norm, self._norm_hook), (ffn, self._ffn_hook)):
+            for key, hook in list(module._forward_hooks.items()):
+                if hook == method:  # the same function bound to this layer
+                    del module._forward_hooks[key]
+                    module._forward_hooks_with_kwargs.pop(key, None)
+                    module._forward_hooks_always_called.pop(key, None)
+        dispatcher = attn.__dict__.get("forward")
+        if isinstance(dispatcher, functools.partial) and dispatcher.func == self._attention_dispatch:
+            previous = dispatcher.args[1]
+            if previous is None:
+                del attn.forward
+            else:
+                attn.forward = previous
+        self._active_plan = None
+
+    def _check_part(self, module: nn.Module, index: int) -> None:
+        if module is not self._entry_parts[index]:
+            raise RuntimeError(
+                "A MoPEFT entry point ran on a copy of the block it was installed on (nn.DataParallel replicates "
+                "modules without re-binding hooks): the copy's parameters would be ignored. Use "
+                "DistributedDataParallel or FSDP (torchrun) instead of nn.DataParallel."
+            )
+
+    def _norm_hook(self, module: nn.Module, args: tuple, normed: torch.Tensor) -> None:
+        """Forward hook on the block's first norm, the start of every run of the block (the forward, and any
+        recomputation by activation checkpointing): the plan of this run, from ``normed`` ((B, H, W, C) or (B, N, C))
+        pooled over all tokens."""
+        self._active_plan = None  # a run that stopped early (checkpoint recomputation) leaves no stale plan behind
+        self._check_part(module, 0)
+        # Armed by `forward`, or a recomputation in backward (activation checkpointing inside the block, which runs
+        # after `forward` returned); where torch cannot tell whether backward is running, always armed.
+        armed = self._armed or _in_backward() is not False
+        if not armed or self.disable_adapters or not self._has_live_work():
+            return
+        record, self._record_gates = self._record_gates, False
+        muted = self._gate_hooks_muted
+        self._gate_hooks_muted = muted or not record
+        try:
+            plan = self.plan(self.family.pool(normed))
+        finally:
+            self._gate_hooks_muted = muted
+        self._active_plan = (plan, normed.shape[0])
+
+    def _attention_dispatch(self, attn: nn.Module, previous: Callable[..., Any] | None, *args: Any, **kwargs: Any):
+        """The attention module's ``forward``: MoPEFT's attention while a plan is active, else the module's own."""
+        active = self._active_plan
+        if active is None:
+            return previous(*args, **kwargs) if previous is not None else type(attn).forward(attn, *args, **kwargs)
+        self._check_part(attn, 1)
+        return self.family.attention(self, attn, *active, *args, **kwargs)
+
+    def _ffn_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on the block's FFN, the last MoPEFT step of a run: the gated adapter on the FFN output
+        ``(B, ..., C)`` (in place without gradients: the output is fresh). The run's plan ends here."""
+        active, self._active_plan = self._active_plan, None
+        if active is None:
+            return None
+        self._check_part(module, 2)
+        return self.adapt_ffn_output(output, active[0])
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        """What peft's ``unload()``/``merge_and_unload()`` put back in place of this layer: the block, merged if asked,
+        without MoPEFT's entry points."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self._remove_entry_points()
+        return self.get_base_layer()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Merging: only LoRA with an input-independent scaling is a weight update; everything else is refused in words.
@@ -476,6 +565,13 @@ class MoPEFTLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "mopeft." + super().__repr__()
+
+
+def _in_backward() -> bool | None:
+    """Whether autograd is executing a backward pass on this thread, so that a forward run now is a recomputation by
+    activation checkpointing (the check torch.utils.checkpoint itself uses); None where this torch cannot tell."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else current() != -1
 
 
 def named_mopeft_layers(model: nn.Module) -> dict[str, MoPEFTLayer]:
