@@ -23,6 +23,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, get_scheduler
 
 from ._files import atomic_directory, atomic_file, atomic_write_text, check_output_dir
+from .models import save_image_processor
 
 
 OVERWRITE_OUTPUT_DIR = "--overwrite_output_dir"
@@ -283,9 +284,9 @@ def save_from_main_process(accelerator, model: torch.nn.Module, directory: str) 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_directory(directory, overwrite=True) as temporary:
-            accelerator.unwrap_model(model).save_pretrained(
-                temporary, is_main_process=True, save_function=accelerator.save
-            )
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(temporary, is_main_process=True, save_function=accelerator.save)
+            save_image_processor(unwrapped, temporary)  # so `pipeline(...)` and users read the inputs it expects
     accelerator.wait_for_everyone()
 
 

@@ -51,6 +51,7 @@ def test_space_rocks_quick(tmp_path):
     assert "balanced_accuracy" in card and "model-index" in card
     # written through temporary siblings: none is left, and the card names the adapter, not its temporary folder
     assert "name: conv_adapter" in card and ".tmp-" not in card
+    assert (tmp_path / "mars" / "conv_adapter" / "preprocessor_config.json").is_file()
     assert not [name for _, dirs, files in os.walk(tmp_path) for name in dirs + files if ".tmp-" in name]
 
 
@@ -146,6 +147,9 @@ def _run_twin_on_two_cpu_processes(script: str, output_dir, port: int, *extra: s
 
 
 def _assert_loads_back(base, adapter_dir, rank_state) -> None:
+    # Every model and adapter a recipe writes carries the image processor its inputs need.
+    assert (adapter_dir / "preprocessor_config.json").is_file()
+    assert (adapter_dir.parent / "source_model" / "preprocessor_config.json").is_file()
     loaded = PeftModel.from_pretrained(base, adapter_dir)
     loaded_state = get_peft_model_state_dict(loaded)
     assert loaded_state.keys() == rank_state.keys()

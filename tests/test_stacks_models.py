@@ -488,3 +488,19 @@ def test_save_pretrained_pushes_the_processor_with_the_model(tmp_path, monkeypat
     make_unet("test_resnet").save_pretrained(tmp_path / "unet", push_to_hub=True, repo_id="me/unet", token="t")
     uploaded = {name for repo_id, names in uploads for name in names if repo_id == "me/unet"}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= uploaded
+
+
+def test_mask2former_processor_matches_the_instance_training_transform(tmp_path):
+    from peft_vision_ext.data import InstanceSegmentationTransform
+
+    from tiny_models import make_mask2former
+
+    model = make_mask2former()
+    processor = image_processor_for(model)
+    assert type(processor).__name__ == "Mask2FormerImageProcessor" and processor.do_resize is False
+    pixel_values = processor(IMAGE, return_tensors="pt")["pixel_values"][0]
+    instance_map = np.zeros(IMAGE.size[::-1], dtype=np.int32)
+    trained_on = InstanceSegmentationTransform()({"image": IMAGE, "instance_map": instance_map, "instance_classes": []})
+    torch.testing.assert_close(pixel_values, trained_on["pixel_values"], atol=1e-5, rtol=0)
+    save_image_processor(get_peft_model(model, peft_vision_ext.SeqAdapterConfig()), tmp_path)
+    assert os.path.isfile(tmp_path / "preprocessor_config.json")

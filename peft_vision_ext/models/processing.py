@@ -28,7 +28,16 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import AutoImageProcessor, PretrainedConfig, PreTrainedModel, SamConfig, SegformerImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    Mask2FormerConfig,
+    Mask2FormerImageProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    SamConfig,
+    SegformerImageProcessor,
+)
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import IMAGE_PROCESSOR_NAME
 
@@ -100,12 +109,12 @@ def _warn_if_the_encoder_expects_another_normalisation(config: PretrainedConfig)
         )
 
 
-def image_processor_for(model_or_config: Any) -> SegformerImageProcessor:
+def image_processor_for(model_or_config: Any) -> BaseImageProcessor:
     """The image processor that prepares images for ``model_or_config`` exactly as its forward and training expect.
 
     Args:
-        model_or_config: a ``UNetForSemanticSegmentation`` or ``SamForSemanticSegmentation`` (or a peft model wrapping
-            one, or a merged one), or its config (``UNetConfig`` / ``SamConfig``).
+        model_or_config: a ``UNetForSemanticSegmentation``, ``SamForSemanticSegmentation`` or
+            ``Mask2FormerForUniversalSegmentation`` (or a peft model wrapping one, or a merged one), or its config.
 
     Returns:
         A ``SegformerImageProcessor`` that does not resize (the models take any size), rescales by 1/255 and
@@ -136,10 +145,26 @@ def image_processor_for(model_or_config: Any) -> SegformerImageProcessor:
     elif isinstance(config, SamConfig):
         channels, channels_name = config.vision_config.num_channels, "vision_config.num_channels"
         size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
+    elif isinstance(config, Mask2FormerConfig):
+        # Mask2Former's own processor (its post-processing is the instance/semantic/panoptic one), set up as
+        # `InstanceSegmentationTransform` trains it: any size, [0, 1] then ImageNet normalisation.
+        mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+        return Mask2FormerImageProcessor(
+            do_resize=False,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=_check_normalisation(
+                "config.image_mean", IMAGENET_DEFAULT_MEAN if mean is None else mean, 3, False
+            ),
+            image_std=_check_normalisation("config.image_std", IMAGENET_DEFAULT_STD if std is None else std, 3, True),
+            ignore_index=255,
+            do_reduce_labels=False,
+        )
     else:
         raise TypeError(
-            f"`model_or_config` has a {type(config).__name__}; image_processor_for knows UNetConfig and SamConfig "
-            "(the models of this package). For a stock transformers model use its own processor, e.g. "
+            f"`model_or_config` has a {type(config).__name__}; image_processor_for knows UNetConfig, SamConfig and "
+            "Mask2FormerConfig (the models this package trains). For a stock transformers model use its own processor, e.g. "
             "`AutoImageProcessor.from_pretrained(<its checkpoint>)`."
         )
     if channels != 3:
@@ -166,7 +191,7 @@ def image_processor_for(model_or_config: Any) -> SegformerImageProcessor:
     )
 
 
-def save_image_processor(model_or_config: Any, save_directory: str | os.PathLike, **kwargs) -> SegformerImageProcessor:
+def save_image_processor(model_or_config: Any, save_directory: str | os.PathLike, **kwargs) -> BaseImageProcessor:
     """Write ``image_processor_for(model_or_config)`` to ``save_directory`` (``preprocessor_config.json``, replacing
     one that is there); return the processor. ``kwargs`` go to the processor's ``save_pretrained`` (e.g.
     ``push_to_hub=True, repo_id=...``).

@@ -47,7 +47,7 @@ from peft_vision_ext.analysis.plots import plot_pareto
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
 from peft_vision_ext.hub import update_model_card
 from peft_vision_ext.metrics import make_compute_metrics, preprocess_logits_for_metrics
-from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
+from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation, save_image_processor
 from peft_vision_ext.recipe_utils import atomic_directory, atomic_write_text, parse_recipe_args, run_training_args
 
 
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             if isinstance(model, PeftModel):
                 with atomic_directory(method_dir, overwrite=True) as temporary:
                     model.save_pretrained(temporary)
+                    save_image_processor(model, temporary)
                     update_model_card(
                         temporary,
                         method="conv_adapter",
