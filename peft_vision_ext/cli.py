@@ -1,7 +1,10 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""``peft-vision``: rank, export and fuse conv adapters from the command line.
+"""``peft-vision``: fine-tune a checkpoint on your images; rank, export and fuse conv adapters.
 
-The ground-station / spacecraft workflow of seed 000::
+    peft-vision train --model_name_or_path <checkpoint> --method <method> --train_dir <folder> --output_dir <dir>
+
+``train`` is :mod:`peft_vision_ext.train` (``peft-vision train --help`` lists its arguments; also
+``python -m peft_vision_ext.train``). The ground-station / spacecraft workflow of seed 000::
 
     peft-vision rank   out/adapter --base out/base                       # which adapters matter
     peft-vision export out/adapter --keep-fraction 0.66 --out out/update # ship only those
@@ -201,6 +204,13 @@ def _fuse(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peft-vision", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    # Parsed by peft_vision_ext.train's own HfArgumentParser (main hands it everything after "train"); listed here for
+    # `peft-vision --help`.
+    sub.add_parser(
+        "train",
+        help="fine-tune a checkpoint on your images with a PEFT method (see `peft-vision train --help`)",
+        add_help=False,
+    )
     overwrite_help = "replace --out if it exists and is not empty (never allowed: the inputs, or a folder holding one)"
 
     rank = sub.add_parser("rank", help="score and rank the adapters of an adapter directory")
@@ -234,7 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peft-vision``; returns the exit status. Bad arguments print one ``error:`` line to stderr (argparse's
-    own, such as a missing flag, exit with ``SystemExit(2)``; the others return 2) and nothing is loaded or written."""
+    own, such as a missing flag, exit with ``SystemExit(2)``; the others return 2) and nothing is loaded or written.
+    ``peft-vision train ...`` runs :func:`peft_vision_ext.train.main` on the arguments after ``train``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
