@@ -279,13 +279,18 @@ def start_accelerate_run(args, **accelerator_kwargs):
 def save_from_main_process(accelerator, model: torch.nn.Module, directory: str) -> None:
     """``save_pretrained`` of the unwrapped model by the main process into a temporary folder renamed to
     ``directory`` when complete (:func:`peft_vision_ext._files.atomic_directory`; an existing ``directory`` is
-    replaced), with every process waiting before and after (so no process reads the folder half-written). The model
-    must be whole on the main process (DDP), not sharded."""
+    replaced), with every process waiting before and after (so no process reads the folder half-written). The
+    weights come from ``accelerator.get_state_dict``, which every process calls: under DDP the model's own state
+    dict, under FSDP/DeepSpeed the full one gathered from the shards (the main process's own parameters would be
+    one shard only)."""
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         with atomic_directory(directory, overwrite=True) as temporary:
             unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(temporary, is_main_process=True, save_function=accelerator.save)
+            unwrapped.save_pretrained(
+                temporary, is_main_process=True, save_function=accelerator.save, state_dict=state_dict
+            )
             save_image_processor(unwrapped, temporary)  # so `pipeline(...)` and users read the inputs it expects
     accelerator.wait_for_everyone()
 

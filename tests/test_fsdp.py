@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_mopeft_worker import CASES, outputs_of
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
@@ -27,6 +26,7 @@ from peft_vision_ext import MoPEFTConfig
 from peft_vision_ext.analysis import collect_gate_statistics
 from peft_vision_ext.tuners.mopeft import MoPEFTLayer
 
+from fsdp_mopeft_worker import CASES, outputs_of
 from tiny_models import make_dinov2, make_sam, make_vit
 
 

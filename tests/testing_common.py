@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -657,7 +658,8 @@ def _outputs(case: Case, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch
 def check_low_precision(case: Case, dtype: torch.dtype) -> None:
     """A base cast to ``dtype``, adapted with ``autocast_adapter_dtype`` True and False: a finite eval output of the
     base dtype, close to the fp32 model with the same adapter weights; adapter parameters in float32 (True) or the
-    base dtype (False, peft's contract); a train-mode forward and backward with a finite loss and finite gradients on
+    base dtype (False, peft's contract); saved and reloaded onto a ``dtype`` base, the same output exactly; a
+    train-mode forward and backward with a finite loss and finite gradients on
     adapter parameters only. The adapters start from their init plus the same small noise everywhere (random-init
     adapters compound to 1e5x the base output on deep BN-only cases: that overflows fp16 by design, not by a bug)."""
     tol = case.tolerance(str(dtype).removeprefix("torch."))
@@ -685,6 +687,13 @@ def check_low_precision(case: Case, dtype: torch.dtype) -> None:
             assert torch.isfinite(out).all(), "the output holds NaN/Inf"
             what = "the output" if case.low_precision_output == "logits" else f"`{case.low_precision_output}`"
             assert_close(probe.float(), reference, tol, f"{what} is far from the fp32 model's")
+        with problems.step(f"{label}, save and reload onto a {dtype} base"), tempfile.TemporaryDirectory() as path:
+            model.save_pretrained(path)
+            again = PeftModel.from_pretrained(case.make_base().to(dtype), path, autocast_adapter_dtype=autocast).eval()
+            assert {p.dtype for n, p in again.named_parameters() if case.prefix in n} <= {want}
+            with torch.no_grad():  # the same (no-grad) code path as `out`
+                reloaded, _ = _outputs(case, again, x.to(dtype))
+            assert torch.equal(reloaded, out), "the reloaded model computes differently"
         with problems.step(f"{label}, train-mode forward and backward"):
             model.train()
             loss = forward_logits(model, x.to(dtype)).float().square().mean()
