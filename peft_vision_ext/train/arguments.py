@@ -94,8 +94,8 @@ class DataArguments:
             "help": (
                 "A Hub dataset id or a local path that datasets.load_dataset reads (a folder of parquet files, an "
                 "imagefolder, a parquet file) or that Dataset.save_to_disk wrote; or 'embedded:rocks/<domain>' for "
-                "the embedded procedural rock scenes (no download; domains: source, moon-real, mars, moon-highsun, "
-                "moon-boulders). Alternative to --train_dir."
+                "the embedded procedural rock scenes, 'embedded:rock_instances/<domain>' for --task instance (no "
+                "download; domains: source, moon-real, mars, moon-highsun, moon-boulders). Alternative to --train_dir."
             )
         },
     )
@@ -107,7 +107,8 @@ class DataArguments:
         metadata={
             "help": (
                 "A folder holding images/ and masks/, paired by file stem (images/a.jpg with masks/a.png). Images: "
-                "PNG, JPEG, TIFF (RGB, grayscale, 16-bit); masks: class ids in an 8/16-bit or palette PNG/TIFF."
+                "PNG, JPEG, TIFF (RGB, grayscale, 16-bit); masks: class ids in an 8/16-bit or palette PNG/TIFF. For "
+                "--task instance: the folder of the images of --train_annotations."
             )
         },
     )
@@ -118,7 +119,24 @@ class DataArguments:
         },
     )
     test_dir: str | None = field(
-        default=None, metadata={"help": "Test folder (images/ + masks/), evaluated once after training."}
+        default=None,
+        metadata={"help": "Test folder (as --validation_dir), evaluated once after training."},
+    )
+    train_annotations: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "--task instance: the COCO instances JSON of the training images (polygons or RLE), whose file_names "
+                "are looked up in --train_dir (default: the JSON's folder) and its images/ subfolder. Default: "
+                "<train_dir>/annotations.json, or the one .json file in --train_dir."
+            )
+        },
+    )
+    validation_annotations: str | None = field(
+        default=None, metadata={"help": "--task instance: the COCO instances JSON of the validation images."}
+    )
+    test_annotations: str | None = field(
+        default=None, metadata={"help": "--task instance: the COCO instances JSON of the test images."}
     )
     id2label: str | None = field(
         default=None,

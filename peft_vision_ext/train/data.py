@@ -31,6 +31,7 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_TRAIN_SAMPLES = 80
 EMBEDDED_EVAL_SAMPLES = 40
 EMBEDDED_IMAGE_SIZE = 128
+ANNOTATION_FLAGS = ("train_annotations", "validation_annotations", "test_annotations")
 # Split names looked for in a `datasets` source, in order.
 VALIDATION_SPLITS = ("validation", "valid", "val", "eval")
 TEST_SPLITS = ("test",)
@@ -57,17 +58,25 @@ class SemanticSplits:
         return max((scan.max_side for scan in self.scans.values()), default=0)
 
 
-def _check_data_args(data_args) -> None:
-    sources = [name for name in ("dataset_name", "train_dir") if getattr(data_args, name)]
-    if len(sources) != 1:
+def check_data_args(data_args) -> None:
+    """The data arguments that can be checked without reading anything."""
+    instance = data_args.task == "instance"
+    annotations = [f"--{name}" for name in ANNOTATION_FLAGS if getattr(data_args, name)]
+    if annotations and not instance:
         raise UsageError(
-            "give the training data once: `--train_dir` (a folder with images/ and masks/) or `--dataset_name` (a "
-            f"Hub id, a local dataset path or embedded:rocks/<domain>); got {sources or 'neither'}."
+            f"`{annotations[0]}` holds COCO instance annotations, for --task instance; with --task semantic, put "
+            "class-id masks in masks/ beside images/."
         )
-    if data_args.dataset_name and (data_args.validation_dir or data_args.test_dir):
+    files = data_args.train_dir or (instance and data_args.train_annotations)
+    if bool(data_args.dataset_name) == bool(files):
         raise UsageError(
-            "`--validation_dir` and `--test_dir` go with `--train_dir`; a `--dataset_name` brings its own splits."
+            "give the training data once: `--train_dir` (a folder with images/ and masks/; for --task instance the "
+            "images of `--train_annotations`) or `--dataset_name` (a Hub id, a local dataset path or "
+            f"embedded:rocks/<domain>); got {'both' if files else 'neither'}."
         )
+    others = [f"--{name}" for name in ("validation_dir", "test_dir", *ANNOTATION_FLAGS) if getattr(data_args, name)]
+    if data_args.dataset_name and others:
+        raise UsageError(f"`{others[0]}` goes with `--train_dir`; a `--dataset_name` brings its own splits.")
     fraction = data_args.validation_split_fraction
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise ValueError(
@@ -94,13 +103,13 @@ def _check_data_args(data_args) -> None:
         )
 
 
-def _subset(dataset, limit: int | None, seed: int):
+def subset(dataset, limit: int | None, seed: int):
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit))
 
 
-def _hold_out(dataset, fraction: float, seed: int, argument: str):
+def hold_out(dataset, fraction: float, seed: int, argument: str):
     """``(train, validation)``: a seeded ``fraction`` of ``dataset`` (at least one example) held out."""
     if len(dataset) < 2:
         raise ValueError(
@@ -138,13 +147,13 @@ def _folder_splits(data_args, seed: int):
         )
     held_out = "validation" not in splits
     if held_out:
-        splits["train"], splits["validation"] = _hold_out(
+        splits["train"], splits["validation"] = hold_out(
             splits["train"], data_args.validation_split_fraction, seed, f"`--train_dir` {data_args.train_dir!r}"
         )
-    splits["train"] = _subset(splits["train"], data_args.max_train_samples, seed)
+    splits["train"] = subset(splits["train"], data_args.max_train_samples, seed)
     for split in ("validation", "test"):
         if split in splits:
-            splits[split] = _subset(splits[split], data_args.max_eval_samples, seed)
+            splits[split] = subset(splits[split], data_args.max_eval_samples, seed)
     for split, name in (("train", "train_dir"), ("validation", "validation_dir"), ("test", "test_dir")):
         if split not in splits:
             continue
@@ -260,13 +269,13 @@ def _dataset_splits(data_args, model_args, seed: int):
             splits[split] = found
     held_out = "validation" not in splits
     if held_out:
-        splits["train"], splits["validation"] = _hold_out(
+        splits["train"], splits["validation"] = hold_out(
             splits["train"], data_args.validation_split_fraction, seed, f"`--dataset_name` {name!r}"
         )
-    splits["train"] = _subset(splits["train"], data_args.max_train_samples, seed)
+    splits["train"] = subset(splits["train"], data_args.max_train_samples, seed)
     for split in ("validation", "test"):
         if split in splits:
-            splits[split] = _subset(splits[split], data_args.max_eval_samples, seed)
+            splits[split] = subset(splits[split], data_args.max_eval_samples, seed)
     scans = {}
     for split, dataset in splits.items():
         argument = f"`--dataset_name` {name!r} ({split}{', held out' if split == 'validation' and held_out else ''})"
@@ -285,7 +294,7 @@ def _dataset_splits(data_args, model_args, seed: int):
 def load_semantic_splits(data_args, model_args, seed: int) -> SemanticSplits:
     """The splits of ``--train_dir`` / ``--validation_dir`` / ``--test_dir``, or of ``--dataset_name``, each checked
     pair by pair (readable, image and mask of one size; the class ids present are recorded)."""
-    _check_data_args(data_args)
+    check_data_args(data_args)
     if data_args.train_dir:
         return _folder_splits(data_args, seed)
     if data_args.dataset_name.startswith(EMBEDDED_PREFIX):

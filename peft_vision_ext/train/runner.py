@@ -50,7 +50,8 @@ from .arguments import (
     UsageError,
     parse_train_args,
 )
-from .data import SemanticSplits, default_image_size, load_semantic_splits, resolve_id2label
+from .data import ANNOTATION_FLAGS, default_image_size, load_semantic_splits, resolve_id2label
+from .instance_data import load_instance_splits
 from .models import (
     ModelInfo,
     build_peft_config,
@@ -85,7 +86,7 @@ class Plan:
 
     args: ParsedArguments
     info: ModelInfo
-    data: SemanticSplits
+    data: Any  # SemanticSplits or InstanceSplits
     id2label: dict[int, str]
     id2label_origin: str
     image_size: int
@@ -150,7 +151,8 @@ def _check_method_args(args: ParsedArguments) -> None:
 
 def _data_inputs(args: ParsedArguments) -> dict[str, str | None]:
     """The local inputs that ``--output_dir`` must neither be, nor contain, nor lie in."""
-    inputs = {f"`--{name}`": getattr(args.data, name) for name in ("train_dir", "validation_dir", "test_dir")}
+    names = ("train_dir", "validation_dir", "test_dir", *ANNOTATION_FLAGS)
+    inputs = {f"`--{name}`": getattr(args.data, name) for name in names}
     for label, path in (
         ("`--model_name_or_path`", args.model.model_name_or_path),
         ("`--dataset_name`", args.data.dataset_name),
@@ -162,24 +164,29 @@ def _data_inputs(args: ParsedArguments) -> dict[str, str | None]:
 
 def _image_processor(info: ModelInfo, model, size: int, model_args):
     """The processor that prepares images as evaluation did: resize to ``size x size``, rescale, normalise with the
-    model's mean and std (this package's models: :func:`~peft_vision_ext.models.image_processor_for`; others: the
-    checkpoint's own processor's mean and std, else ImageNet's)."""
-    from transformers import AutoImageProcessor, SegformerImageProcessor
+    model's mean and std (the checkpoint's own processor's when it has one that rescales to [0, 1]; else this
+    package's :func:`~peft_vision_ext.models.image_processor_for` for its models and Mask2Former; else ImageNet's).
+    Semantic models get a ``SegformerImageProcessor``, Mask2Former its own processor."""
+    from transformers import AutoImageProcessor, Mask2FormerImageProcessor, SegformerImageProcessor
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from ..models import image_processor_for
 
-    if info.family in ("unet", "sam"):
+    mean = std = None
+    if info.family in ("unet", "sam", "mask2former"):
         processor = image_processor_for(model)
         mean, std = processor.image_mean, processor.image_std
-    else:
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if info.family in ("auto", "mask2former"):
         try:
             own = AutoImageProcessor.from_pretrained(info.path, cache_dir=model_args.cache_dir)
-            mean, std = getattr(own, "image_mean", None) or mean, getattr(own, "image_std", None) or std
         except (OSError, ValueError, KeyError):
-            logger.info("%s has no image processor: normalising with ImageNet's mean and std.", info.path)
-    return SegformerImageProcessor(
+            own = None
+        if own is not None and getattr(own, "do_rescale", False) and getattr(own, "image_mean", None) is not None:
+            mean, std = own.image_mean, own.image_std
+    if mean is None:
+        logger.info("%s has no image processor: normalising with ImageNet's mean and std.", info.path)
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    settings = dict(
         do_resize=True,
         size={"height": size, "width": size},
         do_rescale=True,
@@ -189,6 +196,9 @@ def _image_processor(info: ModelInfo, model, size: int, model_args):
         image_std=list(std),
         do_reduce_labels=False,
     )
+    if info.family == "mask2former":
+        return Mask2FormerImageProcessor(**settings, ignore_index=255)
+    return SegformerImageProcessor(**settings)
 
 
 def prepare_run(args: ParsedArguments) -> Plan:
@@ -197,7 +207,7 @@ def prepare_run(args: ParsedArguments) -> Plan:
     from transformers import set_seed
 
     from ..adaptation import base_parameter_count, count_parameters
-    from ..data.fixed_size import FixedSizeSegmentationTransform
+    from ..data.fixed_size import FixedSizeInstanceTransform, FixedSizeSegmentationTransform
 
     training_args = args.training
     output_dir = check_output_dir(
@@ -207,11 +217,6 @@ def prepare_run(args: ParsedArguments) -> Plan:
         argument="`--output_dir`",
         overwrite_hint="`--overwrite_output_dir`",
     )
-    if args.data.task != "semantic":
-        raise UsageError(
-            f"`--task` {args.data.task!r} is not available yet in this version; use --task semantic (instance "
-            "segmentation: see recipes/mask2former_instance)."
-        )
     _check_method_args(args)
     method = args.method.method
     settings = method_settings(method, args.peft_settings(), args.method.peft_config)
@@ -224,8 +229,12 @@ def prepare_run(args: ParsedArguments) -> Plan:
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"--method {method}: {exc}") from exc
 
-    data = load_semantic_splits(args.data, args.model, training_args.seed)
-    id2label, origin = resolve_id2label(args.data, data, info.config)
+    if args.data.task == "semantic":
+        data = load_semantic_splits(args.data, args.model, training_args.seed)
+        id2label, origin = resolve_id2label(args.data, data, info.config)
+    else:
+        data = load_instance_splits(args.data, training_args.seed)
+        id2label, origin = data.id2label, data.id2label_origin
     image_size = args.data.image_size or default_image_size(info.family, info.config, data)
 
     set_seed(training_args.seed)
@@ -242,10 +251,8 @@ def prepare_run(args: ParsedArguments) -> Plan:
     processor = _image_processor(info, model, image_size, args.model)
     data_args = args.data
     common = dict(size=image_size, image_mean=processor.image_mean, image_std=processor.image_std)
-    train_transform = FixedSizeSegmentationTransform(
-        **common,
+    augment = dict(
         train=data_args.augment,
-        ignore_index=data_args.ignore_index,
         min_scale=data_args.min_scale,
         max_scale=data_args.max_scale,
         hflip_prob=data_args.hflip_prob,
@@ -254,7 +261,13 @@ def prepare_run(args: ParsedArguments) -> Plan:
         contrast=data_args.contrast,
         seed=training_args.seed,
     )
-    eval_transform = FixedSizeSegmentationTransform(**common, ignore_index=data_args.ignore_index)
+    if data_args.task == "semantic":
+        ignore = dict(ignore_index=data_args.ignore_index)
+        train_transform = FixedSizeSegmentationTransform(**common, **augment, **ignore)
+        eval_transform = FixedSizeSegmentationTransform(**common, **ignore)
+    else:
+        train_transform = FixedSizeInstanceTransform(**common, **augment)
+        eval_transform = FixedSizeInstanceTransform(**common)
     eval_datasets = {"validation": data.validation.with_transform(eval_transform)}
     if data.test is not None:
         eval_datasets["test"] = data.test.with_transform(eval_transform)
@@ -310,21 +323,58 @@ def _split_metrics(metrics: dict[str, float], prefix: str, id2label: dict[int, s
     }
 
 
-def _streamed_metrics(model, dataset, plan: Plan) -> dict[str, Any]:
-    """The same metrics from :func:`~peft_vision_ext.adaptation.evaluate_segmentation` (one process, no Trainer; no
-    loss)."""
-    from ..adaptation import evaluate_segmentation
+def _instance_metrics(ap: dict[str, Any], loss: float | None) -> dict[str, Any]:
+    """:class:`~peft_vision_ext.metrics.CocoMaskAP`'s results as ``{map, map_50, map_75, mar_100, loss,
+    per_class_ap: {name: value}, num_images, num_targets}``; pycocotools' ``-1`` (undefined) as None."""
 
+    def defined(value: float) -> float | None:
+        return None if value is None or value < 0 else float(value)
+
+    return {
+        **{key: defined(ap[key]) for key in ("map", "map_50", "map_75", "mar_100")},
+        "loss": loss,
+        "per_class_ap": {name: defined(value) for name, value in ap["map_per_class"].items()},
+        "num_images": ap["num_images"],
+        "num_targets": ap["num_targets"],
+    }
+
+
+def _mask_ap(model, loader, plan: Plan, gather=None) -> dict[str, Any]:
+    from ..metrics import evaluate_instance_segmentation
+
+    return evaluate_instance_segmentation(model, loader, plan.id2label, gather=gather)
+
+
+def _metrics_of(model, dataset, plan: Plan) -> dict[str, Any]:
+    """The split's metrics in one process, without Trainer (and without loss): semantic ones from
+    :func:`~peft_vision_ext.adaptation.evaluate_segmentation`, mask AP from
+    :func:`~peft_vision_ext.metrics.evaluate_instance_segmentation`."""
+    from torch.utils.data import DataLoader
+
+    from ..adaptation import evaluate_segmentation
+    from ..data import collate_instance_segmentation
+
+    batch_size = plan.args.training.per_device_eval_batch_size
+    if plan.args.data.task == "instance":
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_instance_segmentation)
+        return _instance_metrics(_mask_ap(model, loader, plan), None)
     metrics = evaluate_segmentation(
         model,
         dataset,
         len(plan.id2label),
-        batch_size=plan.args.training.per_device_eval_batch_size,
+        batch_size=batch_size,
         ignore_index=plan.args.data.ignore_index,
         id2label=plan.id2label,
         device=next(model.parameters()).device,
     )
     return _split_metrics(metrics, "", plan.id2label) | {"loss": None}
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """One tensor of a model's predictions: the logits, or Mask2Former's mask and class logits per query."""
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    return torch.cat([output.masks_queries_logits.flatten(2), output.class_queries_logits], dim=-1)
 
 
 def _base_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -366,8 +416,12 @@ def _masked_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _card_metrics(split: dict[str, Any]) -> dict[str, float]:
-    metrics = {key: split[key] for key in ("mean_iou", "balanced_accuracy", "overall_accuracy")}
-    metrics.update({f"iou_{name}": value for name, value in split["per_class_iou"].items()})
+    if "map" in split:  # instance segmentation
+        metrics = {key: split[key] for key in ("map", "map_50", "map_75")}
+        metrics.update({f"ap_{name}": value for name, value in split["per_class_ap"].items()})
+    else:
+        metrics = {key: split[key] for key in ("mean_iou", "balanced_accuracy", "overall_accuracy")}
+        metrics.update({f"iou_{name}": value for name, value in split["per_class_iou"].items()})
     return {key: float(value) for key, value in metrics.items() if value is not None and math.isfinite(value)}
 
 
@@ -439,11 +493,20 @@ def _publish(staging: str, output_dir: str) -> list[str]:
 
 
 def _evaluate(trainer, plan: Plan) -> dict[str, dict[str, Any]]:
+    """Every evaluation split through the Trainer (semantic metrics; for instances the loss, then mask AP over the
+    Trainer's evaluation loader, gathered across processes)."""
     out = {}
     for split, dataset in plan.eval_datasets.items():
         prefix = "eval" if split == "validation" else split
         metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
-        out[split] = _split_metrics(metrics, prefix, plan.id2label)
+        if plan.args.data.task == "semantic":
+            out[split] = _split_metrics(metrics, prefix, plan.id2label)
+            continue
+        gather = None
+        if trainer.accelerator.num_processes > 1:
+            gather = lambda records: trainer.accelerator.gather_for_metrics(records, use_gather_object=True)  # noqa: E731
+        ap = _mask_ap(trainer.model, trainer.get_eval_dataloader(dataset), plan, gather=gather)
+        out[split] = _instance_metrics(ap, metrics.get(f"{prefix}_loss"))
     return out
 
 
@@ -494,7 +557,7 @@ def _rank(model, plan: Plan) -> dict[str, Any]:
     exported = export_adapters(model, directory, keep, overwrite=True)
     device = next(model.parameters()).device
     reloaded = PeftModel.from_pretrained(_load_base_for_reuse(plan), directory).to(device).eval()
-    metrics = _streamed_metrics(reloaded, plan.eval_datasets["validation"], plan)
+    metrics = _metrics_of(reloaded, plan.eval_datasets["validation"], plan)
     del reloaded
     return {
         "directory": directory,
@@ -515,15 +578,15 @@ def _merge(model, plan: Plan) -> dict[str, Any]:
     logits with the adapter's on a validation batch, evaluate, and save the merged model to ``merged/``."""
     from peft import PeftModel
 
-    from ..data import collate_segmentation
+    from ..data import collate_instance_segmentation, collate_segmentation
     from ..tuners.mopeft import merge_mergeable
 
     model.eval()
     device = next(model.parameters()).device
-    probe = collate_segmentation(
-        [plan.eval_datasets["validation"][i] for i in range(min(4, len(plan.eval_datasets["validation"])))]
-    )["pixel_values"].to(device)
-    before = model(pixel_values=probe).logits
+    validation = plan.eval_datasets["validation"]
+    collate = collate_segmentation if plan.args.data.task == "semantic" else collate_instance_segmentation
+    probe = collate([validation[i] for i in range(min(4, len(validation)))])["pixel_values"].to(device)
+    before = _output_tensor(model(pixel_values=probe))
     merged = merge_mergeable(model) if plan.args.method.method == "mopeft" else model.merge_and_unload(safe_merge=True)
     if isinstance(merged, PeftModel):
         logger.warning(
@@ -532,9 +595,9 @@ def _merge(model, plan: Plan) -> dict[str, Any]:
             "--prune_freeze_tolerance or --prune_threshold, or train with --method lora."
         )
         return {"merged": False}
-    after = merged(pixel_values=probe).logits
+    after = _output_tensor(merged(pixel_values=probe))
     difference = (after - before).abs().max().item()
-    metrics = _streamed_metrics(merged, plan.eval_datasets["validation"], plan)
+    metrics = _metrics_of(merged, plan.eval_datasets["validation"], plan)
     directory = os.path.join(plan.output_dir, MERGED_DIR)
     with atomic_directory(directory, overwrite=True) as temporary:
         plan.processor.save_pretrained(temporary)  # first: the model keeps a usable processor it finds there
@@ -571,13 +634,14 @@ def _results(
         "trainable_percent": 100.0 * plan.trainable_parameters / plan.base_parameters,
         "id2label": {str(k): v for k, v in plan.id2label.items()},
         "id2label_from": plan.id2label_origin,
-        "ignore_index": args.data.ignore_index,
+        "ignore_index": args.data.ignore_index if args.data.task == "semantic" else None,
         "image_size": plan.image_size,
         "image_mean": list(plan.processor.image_mean),
         "image_std": list(plan.processor.image_std),
         "data": {
             "source": plan.data.source,
             "train_samples": len(plan.data.train),
+            **({"instances": plan.data.instances} if args.data.task == "instance" else {}),
             "validation_samples": len(plan.data.validation),
             "test_samples": len(plan.data.test) if plan.data.test is not None else 0,
             "validation_held_out": plan.data.validation_held_out,
@@ -603,23 +667,32 @@ def _fmt(value: Any) -> str:
 def results_table(results: dict[str, Any]) -> str:
     """The Markdown table printed at the end of a run."""
     names = list(results["id2label"].values())
+    if results["task"] == "semantic":
+        columns = [
+            ("mIoU", "mean_iou"),
+            ("balanced accuracy", "balanced_accuracy"),
+            ("overall accuracy", "overall_accuracy"),
+        ]
+        per_class, prefix = "per_class_iou", "IoU"
+    else:
+        columns = [("mask AP", "map"), ("AP50", "map_50"), ("AP75", "map_75"), ("AR100", "mar_100")]
+        per_class, prefix = "per_class_ap", "AP"
     lines = [
         f"{results['method']} on {results['model_class']} ({results['model_name_or_path']}): trainable "
         f"{results['trainable_percent']:.2f}% ({results['trainable_parameters']:,} of {results['base_parameters']:,} "
         f"parameters), {len(names)} classes, images {results['image_size']}x{results['image_size']}",
         "",
-        "| model | split | mIoU | balanced accuracy | overall accuracy | "
-        + " | ".join(f"IoU {n}" for n in names)
+        "| model | split | "
+        + " | ".join(title for title, _ in columns)
+        + " | "
+        + " | ".join(f"{prefix} {n}" for n in names)
         + " |",
-        "|---|---|---:|---:|---:|" + "---:|" * len(names),
+        "|---|---|" + "---:|" * (len(columns) + len(names)),
     ]
 
     def row(label: str, split: str, metrics: dict[str, Any]) -> None:
-        per_class = " | ".join(_fmt(metrics["per_class_iou"].get(n)) for n in names)
-        lines.append(
-            f"| {label} | {split} | {_fmt(metrics['mean_iou'])} | {_fmt(metrics['balanced_accuracy'])} | "
-            f"{_fmt(metrics['overall_accuracy'])} | {per_class} |"
-        )
+        values = [_fmt(metrics.get(key)) for _, key in columns] + [_fmt(metrics[per_class].get(n)) for n in names]
+        lines.append(f"| {label} | {split} | " + " | ".join(values) + " |")
 
     for split in ("validation", "test"):
         if split in results:
@@ -640,12 +713,21 @@ def results_table(results: dict[str, Any]) -> str:
 
 def execute(plan: Plan, argv: Sequence[str] = ()) -> dict[str, Any]:
     """Train, evaluate, save; return the results (also written to ``results.json``)."""
-    from ..data import collate_segmentation
+    from ..data import collate_instance_segmentation, collate_segmentation
     from ..metrics import make_compute_metrics, preprocess_logits_for_metrics
 
     args = plan.args
     method = args.method.method
-    overrides = dict(remove_unused_columns=False, label_names=["labels"], batch_eval_metrics=True)
+    if args.data.task == "semantic":
+        overrides = dict(remove_unused_columns=False, label_names=["labels"], batch_eval_metrics=True)
+        task_kwargs = dict(
+            data_collator=collate_segmentation,
+            compute_metrics=make_compute_metrics(len(plan.id2label), args.data.ignore_index, plan.id2label),
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+    else:  # the Trainer computes the loss; mask AP needs the post-processed masks (see _evaluate)
+        overrides = dict(remove_unused_columns=False, label_names=["mask_labels", "class_labels"])
+        task_kwargs = dict(data_collator=collate_instance_segmentation)
     if "learning_rate" not in args.given:
         overrides["learning_rate"] = DEFAULT_LEARNING_RATES[method]
         logger.info("--learning_rate not given: %g for --method %s", overrides["learning_rate"], method)
@@ -655,10 +737,8 @@ def execute(plan: Plan, argv: Sequence[str] = ()) -> dict[str, Any]:
         args=training_args,
         train_dataset=plan.train_dataset,
         eval_dataset=plan.eval_datasets["validation"],
-        data_collator=collate_segmentation,
-        compute_metrics=make_compute_metrics(len(plan.id2label), args.data.ignore_index, plan.id2label),
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         processing_class=plan.processor,
+        **task_kwargs,
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     evaluation = _evaluate(trainer, plan)
