@@ -335,11 +335,11 @@ def method_settings(method: str, settings: dict[str, Any], peft_config_arg: str 
         if config_cls is None:
             raise UsageError(f"`--peft_config` sets a PEFT config, but --method {method} has none; drop it.")
         peft_type = merged.pop("peft_type", None)
-        expected = config_cls().peft_type
-        if peft_type is not None and str(peft_type) != str(expected):
+        expected = getattr(config_cls().peft_type, "value", config_cls().peft_type)
+        if peft_type is not None and peft_type != expected:
             raise ValueError(
-                f"`--peft_config` {peft_config_arg!r} is a {peft_type} config, but --method {method} needs "
-                f"{config_cls.__name__} ({expected})."
+                f"`--peft_config` {peft_config_arg!r} is a {peft_type!r} config, but --method {method} needs a "
+                f"{config_cls.__name__} ({expected!r})."
             )
         # Bookkeeping peft writes into adapter_config.json; not settings.
         for name in (f.name for f in dataclasses.fields(PeftConfig)):

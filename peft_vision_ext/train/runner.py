@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -76,8 +77,8 @@ MERGEABLE_METHODS = ("conv_adapter", "bn_adapter", "lora", "deform_lora")
 RANKABLE_METHODS = ("conv_adapter", "bn_adapter")
 # Files of the other kind of model directory, removed from an overwritten --output_dir so that no stale adapter sits
 # beside a new whole model (transformers would load the adapter) or the reverse.
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-_MODEL_FILE_PREFIXES = ("config.json", "model.safetensors", "model-", "pytorch_model")
+_ADAPTER_FILES = re.compile(r"^adapter_(config\.json|model\.(safetensors|bin))$")
+_MODEL_FILES = re.compile(r"^(config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?)$")
 
 
 @dataclass
@@ -478,7 +479,7 @@ def _publish(staging: str, output_dir: str) -> list[str]:
     names = sorted(os.listdir(staging))
     adapter = "adapter_config.json" in names
     for name in os.listdir(output_dir):
-        stale = name.startswith(_MODEL_FILE_PREFIXES) if adapter else name in _ADAPTER_FILES
+        stale = (_MODEL_FILES if adapter else _ADAPTER_FILES).match(name)
         if stale and name not in names and os.path.isfile(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))
     for name in names:
