@@ -285,16 +285,27 @@ def test_sam_checkpoint_with_lora_and_mopeft(ws, sam_lora):
     assert results["merged"]["merged"] and results["merged"]["max_abs_logit_difference"] < 1e-4
 
     out = os.path.join(ws["root"], "out_sam_mopeft")
+    # the config's fields from a file (as an adapter_config.json holds them); the command line overrides it
+    peft_config = os.path.join(ws["root"], "mopeft.json")
+    with open(peft_config, "w") as handle:
+        json.dump(
+            {
+                "peft_type": "MOPEFT (IMPORT PEFT_VISION_EXT)",
+                "prefix_length": 4,
+                "adapter_dim": 32,
+                "gate_hidden_size": 4,
+            },
+            handle,
+        )
     results = _run(
         [
-            "--model_name_or_path", ws["sam"], "--method", "mopeft", "--prefix_length", "4", "--adapter_dim", "8",
-            "--gate_hidden_size", "4", "--train_dir", ws["train"], "--output_dir", out,
-            "--prune_calibration_batches", "1",
+            "--model_name_or_path", ws["sam"], "--method", "mopeft", "--peft_config", peft_config,
+            "--adapter_dim", "8", "--train_dir", ws["train"], "--output_dir", out, "--prune_calibration_batches", "1",
         ]
     )  # fmt: skip
     config = results["peft_config"]
     assert config["use_lora"] and config["use_prefix"] and config["use_adapter"] and config["gating"]
-    assert config["prefix_length"] == 4 and config["adapter_dim"] == 8
+    assert config["prefix_length"] == 4 and config["gate_hidden_size"] == 4 and config["adapter_dim"] == 8
     assert results["pruned"]["calibration_images"] >= 1 and "validation_before" in results["pruned"]
     # no --validation_dir: a seeded share of the training folder is held out; no names: class_<id>
     assert results["data"]["validation_held_out"] and results["data"]["validation_samples"] == 1
@@ -316,7 +327,7 @@ def test_bn_adapter_from_a_saved_dataset(ws):
     assert results["data"]["validation_held_out"] and results["data"]["train_samples"] == 7
 
 
-def test_decoder_and_full_from_a_settings_file(ws, tmp_path):
+def test_decoder_and_full_from_a_settings_file(ws, tmp_path, unet_conv):
     from transformers import AutoModelForSemanticSegmentation
 
     settings = {
@@ -337,12 +348,18 @@ def test_decoder_and_full_from_a_settings_file(ws, tmp_path):
     assert not os.path.exists(tmp_path / "ignored")
     assert 0 < results["trainable_percent"] < 100
 
+    # over an earlier adapter run (--overwrite_output_dir): the adapter files go (transformers would load them in
+    # place of the new model), the files this run does not write stay
     full_out = str(tmp_path / "full")
+    shutil.copytree(unet_conv[0], full_out)
+    open(os.path.join(full_out, "notes.txt"), "w").write("mine")
     results = _run(
         ["--model_name_or_path", ws["unet"], "--method", "full", "--train_dir", ws["train"], "--validation_dir",
-         ws["val"], "--id2label", _id2label_arg(), "--output_dir", full_out]
+         ws["val"], "--id2label", _id2label_arg(), "--output_dir", full_out, "--overwrite_output_dir"]
     )  # fmt: skip
-    assert results["trainable_percent"] == pytest.approx(100.0)
+    assert results["trainable_percent"] == pytest.approx(100.0) and "merged" not in results
+    assert {"notes.txt", "config.json", "model.safetensors"} <= set(os.listdir(full_out))
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & set(os.listdir(full_out))
     for directory in (decoder_out, full_out):
         assert "adapter_config.json" not in os.listdir(directory)
         model = AutoModelForSemanticSegmentation.from_pretrained(directory)
@@ -354,12 +371,15 @@ def test_conv_adapter_on_segformer(ws, tmp_path):
     """Any AutoModelForSemanticSegmentation checkpoint: the methods come from its structure, its head from the label
     count."""
     out = str(tmp_path / "segformer")
+    id2label_file = tmp_path / "classes.json"  # --id2label as a file
+    id2label_file.write_text(json.dumps(["soil", "rock"]))
     results = _run(
         ["--model_name_or_path", ws["segformer"], "--method", "conv_adapter", "--train_dir", ws["train"],
-         "--validation_dir", ws["val"], "--id2label", _id2label_arg(), "--output_dir", out, "--merge"]
+         "--validation_dir", ws["val"], "--id2label", str(id2label_file), "--output_dir", out, "--merge"]
     )  # fmt: skip
     assert results["model_family"] == "auto" and results["model_class"] == "SegformerForSemanticSegmentation"
     assert results["peft_config"]["modules_to_save"] == ["decode_head.classifier"]
+    assert results["id2label"] == {"0": "soil", "1": "rock"}
     assert results["merged"]["max_abs_logit_difference"] < 1e-4
 
 
@@ -676,6 +696,7 @@ BAD_SETTINGS = [
     ("unknown_flag", ["--bogus", "1"], ["unknown arguments ['--bogus', '1']"]),
     ("two_data_sources", ["--dataset_name", "embedded:rocks/mars"], ["give the training data once"]),
     ("coco_for_semantic", ["--train_annotations", "{root}/a.json"], ["`--train_annotations` holds COCO instance"]),
+    ("peft_config_of_another_method", ["--peft_config", '{"peft_type": "CONV_ADAPTER (IMPORT PEFT_VISION_EXT)"}', "--model_name_or_path", "{sam}", "--method", "lora"], ["is a 'CONV_ADAPTER", "needs a MoPEFTConfig"]),
 ]  # fmt: skip
 
 
