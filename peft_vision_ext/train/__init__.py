@@ -7,6 +7,10 @@
         --train_dir data/train --validation_dir data/val --id2label '{"0": "soil", "1": "rock"}' \\
         --output_dir out/sam-rocks --num_train_epochs 10 --per_device_train_batch_size 4
 
+    peft-vision train --task instance --model_name_or_path facebook/mask2former-swin-tiny-coco-instance \\
+        --method deform_lora --train_annotations coco/instances_train.json --train_dir coco/train \\
+        --validation_annotations coco/instances_val.json --validation_dir coco/val --output_dir out/m2f-rocks
+
     python -m peft_vision_ext.train settings.json              # a .json of the same settings
     accelerate launch -m peft_vision_ext.train settings.json   # several GPUs / processes
 

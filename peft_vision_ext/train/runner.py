@@ -1,16 +1,19 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
 """The run of ``peft-vision train``: check everything, train with ``transformers.Trainer``, evaluate, save.
 
-Two phases. :func:`prepare_run` checks every input and loads the model and data; any bad input ends the command
-there with one ``error:`` line and exit status 2, before anything is written. :func:`execute` trains and writes:
+Two phases. :func:`prepare_run` checks every input (arguments, the model and which methods suit it, every image and
+mask or annotation) and loads the model and data; any bad input ends the command there with one ``error:`` line and
+exit status 2, before anything is written. :func:`execute` trains and writes:
 
 ``--output_dir`` (the layout of ``Trainer.save_model``, so ``--push_to_hub`` uploads a loadable repo):
 
 - the adapter (``adapter_config.json``, ``adapter_model.safetensors``) for the PEFT methods, the whole model
   (``config.json``, ``model.safetensors``) for ``decoder`` and ``full``; ``preprocessor_config.json`` (the image
   processor that resizes and normalises as evaluation did); ``README.md``, the model card with the metrics;
-- ``results.json``: metrics per split with the class names, the method, the trainable share, the label set, the
-  arguments; written after the model files, so its presence means they are complete;
+- ``results.json``: metrics per split with the class names (semantic: mIoU, balanced and overall accuracy, IoU and
+  accuracy per class; instance: COCO mask AP, AP50, AP75, AR100, AP per class, and the loss), the method, the
+  trainable share, the label set, the image size and normalisation, the arguments; written after the model files,
+  so its presence means they are complete;
 - ``ranked/`` (``--rank_keep_fraction``): the exported top-ranked conv adapters;
 - ``merged/`` (``--merge``): the merged model, loadable with ``from_pretrained``; made last (merging unloads the
   adapter) and not pushed;
@@ -20,7 +23,8 @@ The model files are saved into a hidden staging folder and moved into place file
 folders through :func:`~peft_vision_ext._files.atomic_directory`, ``results.json`` through a temporary file: an
 interrupted run leaves old complete files or new complete ones. Multi-process runs (``accelerate launch -m
 peft_vision_ext.train``, ``torchrun -m peft_vision_ext.train``) train and evaluate on every process; the main
-process writes.
+process writes, ranks and merges. A non-empty ``--output_dir`` needs ``--overwrite_output_dir``, also to resume from
+one of its checkpoints (``--resume_from_checkpoint``).
 """
 
 from __future__ import annotations
