@@ -523,11 +523,15 @@ def test_outputs_reload_in_a_fresh_process(ws, unet_conv, sam_lora, m2f_lora):
     assert m2f["merged_labels"] == {"0": "rock", "1": "boulder"}
 
 
-def test_module_entry_point_on_the_embedded_data(ws, tmp_path):
-    """`python -m peft_vision_ext.train` (what `accelerate launch -m` and `torchrun -m` run), on the embedded rocks."""
+def test_module_entry_point_on_two_processes_on_the_embedded_data(ws, tmp_path):
+    """`torchrun --nproc_per_node 2 -m peft_vision_ext.train` (the module entry point that `accelerate launch -m`
+    runs too; on CPU accelerate's launcher would run one process), on the embedded rocks: DDP over two gloo
+    processes, one set of outputs written by the main process."""
     out = str(tmp_path / "embedded")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [
-        sys.executable, "-m", "peft_vision_ext.train", "--model_name_or_path", ws["unet"], "--method",
+        torchrun, "--nproc_per_node", "2", "--standalone", "-m", "peft_vision_ext.train", "--use_cpu", "true",
+        "--model_name_or_path", ws["unet"], "--method",
         "conv_adapter", "--dataset_name", "embedded:rocks/mars", "--max_train_samples", "4", "--max_eval_samples",
         "2", "--image_size", "32", "--output_dir", out, *FAST,
     ]  # fmt: skip
@@ -536,17 +540,19 @@ def test_module_entry_point_on_the_embedded_data(ws, tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "| conv_adapter | validation |" in completed.stdout and "IoU sky" in completed.stdout
+    assert completed.stdout.count("| conv_adapter | validation |") == 1, "the main process prints the table once"
+    assert "IoU sky" in completed.stdout
     results = json.load(open(os.path.join(out, "results.json")))
+    assert results["num_processes"] == 2
     assert (
         results["id2label"] == {"0": "ground", "1": "rock", "2": "sky"} and results["id2label_from"] == "the dataset"
     )
     assert results["data"]["test_samples"] == 2 and results["test"]["mean_iou"] is not None
-    assert results["command"][:3] == ["peft-vision train", "--model_name_or_path", ws["unet"]]
+    assert results["command"][:5] == ["peft-vision train", "--use_cpu", "true", "--model_name_or_path", ws["unet"]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

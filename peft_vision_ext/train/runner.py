@@ -652,6 +652,7 @@ def _results(
             "validation_held_out": plan.data.validation_held_out,
         },
         "train": train_metrics,
+        "num_processes": training_args.world_size,
         **evaluation,
         **extra,
         "arguments": {
