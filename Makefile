@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/space_rocks
 
-.PHONY: demo test lint benchmark clean
+.PHONY: demo test test-all lint benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python recipes/space_rocks/run_space_rocks.py recipes/space_rocks/space_rocks.json --overwrite_output_dir
 
+# Two pytest workers, one torch thread each (the tests are small: a second worker beats a second intra-op thread).
+# `make test-all` adds the long runs (`slow`: full recipes, every matrix case under every common check).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --timeout 900
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --timeout 900
+
+test-all: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --timeout 3600
 
 lint: $(STAMP)
 	$(BIN)/ruff check peft_vision_ext recipes benchmarks tests

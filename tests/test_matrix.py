@@ -35,9 +35,22 @@ from testing_common import (
 
 
 CASES = pytest.mark.parametrize("case", MATRIX, ids=[case.name for case in MATRIX])
+
+
+def _core_first(cases):
+    """Non-core cases get the `slow` marker (see `Case.core`): every method still gets the check in `make test`."""
+    return [case if case.core else pytest.param(case, marks=pytest.mark.slow) for case in cases]
+
+
+# The checks added on top of the original six: every case under `-m slow`, core cases in the default run.
+EXTENDED = pytest.mark.parametrize("case", _core_first(MATRIX), ids=[case.name for case in MATRIX])
 # Frozen BatchNorm statistics (peft issue 1732) concern the models that have BatchNorm.
 BN_CASES = [case for case in MATRIX if case.has_batchnorm]
 DAMAGED = [(case, damage) for case in MATRIX for damage in damages_for(case)]
+DAMAGED_PARAMS = [
+    pytest.param(case, damage, marks=() if case.core else pytest.mark.slow, id=f"{case.name}-{damage}")
+    for case, damage in DAMAGED
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +74,17 @@ def test_merge_equivalence(case):
     check_merge_equivalence(case)
 
 
-@CASES
+@EXTENDED
 def test_merge_adapter_twice_is_merging_once(case):
     check_merge_idempotent(case)
 
 
-@CASES
+@EXTENDED
 def test_safe_merge_refuses_nan(case):
     check_safe_merge_refuses_nan(case)
 
 
-@CASES
+@EXTENDED
 def test_unload(case):
     check_unload(case)
 
@@ -87,51 +100,52 @@ def test_bn_statistics_unchanged_by_training(case):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=[str(d).removeprefix("torch.") for d in LOW_PRECISION])
-@CASES
+@EXTENDED
 def test_low_precision(case, dtype):
     check_low_precision(case, dtype)
 
 
 MERGEABLE = [case for case in MATRIX if case.mergeable]
+MERGEABLE_PARAMS = _core_first(MERGEABLE)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=[str(d).removeprefix("torch.") for d in LOW_PRECISION])
-@pytest.mark.parametrize("case", MERGEABLE, ids=[case.name for case in MERGEABLE])
+@pytest.mark.parametrize("case", MERGEABLE_PARAMS, ids=[case.name for case in MERGEABLE])
 def test_low_precision_merge_rounds_once(case, dtype):
     check_low_precision_merge(case, dtype)
 
 
-@CASES
+@EXTENDED
 def test_low_cpu_mem_usage_load(case, saved_adapters):
     check_low_cpu_mem_usage_load(case, saved_adapters.get(case))
 
 
-@CASES
+@EXTENDED
 def test_multiple_adapters(case, saved_adapters):
     check_multiple_adapters(case, saved_adapters.get(case))
 
 
-@CASES
+@EXTENDED
 def test_mixed_adapter_batch(case):
     check_mixed_adapter_batch(case)
 
 
-@CASES
+@EXTENDED
 def test_config_survives_reuse(case):
     check_config_reuse(case)
 
 
-@CASES
+@EXTENDED
 def test_layer_and_model_status(case):
     check_layer_and_model_status(case)
 
 
-@CASES
+@EXTENDED
 def test_requires_grad_after_loading(case, saved_adapters):
     check_requires_grad_after_loading(case, saved_adapters.get(case))
 
 
-@pytest.mark.parametrize("case, damage", DAMAGED, ids=[f"{case.name}-{damage}" for case, damage in DAMAGED])
+@pytest.mark.parametrize("case, damage", DAMAGED_PARAMS)
 def test_damaged_checkpoint_is_refused(case, damage, saved_adapters, tmp_path):
     foreign = saved_adapters.get(foreign_case(case)) if damage == "foreign_weights" else None
     check_damaged_checkpoint(case, damage, saved_adapters.get(case), foreign, str(tmp_path / "damaged"))

@@ -89,6 +89,10 @@ class Case:
     # SDPA kernels round differently once the key length changes, so a zero-weight prefix equals the base only to
     # float precision there; everything else must be bit-exact.
     identity_exact: bool = True
+    # A core case runs every common check in the default `make test`. The others (further models and variants of a
+    # method whose core case already runs everything) run the original six checks there, and every other check
+    # under `-m slow`, which CI-free full runs use. New methods: leave this True.
+    core: bool = True
     # Per-case overrides of `TOLERANCES` (same keys).
     tolerances: dict[str, float] = field(default_factory=dict)
     # The output that `check_low_precision` compares with fp32: the logits, or a field of the model output computed
@@ -138,25 +142,36 @@ MATRIX: list[Case] = [
     Case(name="tiny_cnn-bn_only", model="tiny_cnn", kwargs={"adapter_type": "bn"}, **_CONV),
     Case(
         name="tiny_cnn-conv_nobias-head",
+        core=False,
         model="tiny_cnn",
         kwargs={"adapter_bias": False, "modules_to_save": ["head"]},
         **_CONV,
     ),
     Case(
         name="unet_resnet18-conv-head",
+        core=False,
         model="unet_resnet18",
         kwargs={"modules_to_save": ["segmentation_head"]},
         input_shape=(2, 3, 32, 40),
         **_CONV,
     ),
-    Case(name="unet_test_resnet-bn_only", model="unet_test_resnet", kwargs={"adapter_type": "bn"}, **_CONV),
+    Case(
+        name="unet_test_resnet-bn_only", core=False, model="unet_test_resnet", kwargs={"adapter_type": "bn"}, **_CONV
+    ),
     Case(
         name="unet_test_resnet-decoder_regex",
+        core=False,
         model="unet_test_resnet",
         kwargs={"target_modules": r"decoder\..*\.conv"},
         **_CONV,
     ),
-    Case(name="unet_test_efficientnet-conv", model="unet_test_efficientnet", input_shape=(2, 3, 33, 47), **_CONV),
+    Case(
+        name="unet_test_efficientnet-conv",
+        core=False,
+        model="unet_test_efficientnet",
+        input_shape=(2, 3, 33, 47),
+        **_CONV,
+    ),
 ]
 
 _GATE_OFF = {"prefix_gate_init": -1e4}  # log G_P = -1e4: the prefixes get exactly zero attention weight
@@ -168,6 +183,7 @@ MATRIX += [
     Case(name="sam-mopeft", model="sam_tiny", input_shape=(2, 3, 64, 72), **_GATED, **_TRANSFORMER),
     Case(
         name="sam_sdpa-mopeft",
+        core=False,
         model="sam_tiny_sdpa",
         input_shape=(2, 3, 80, 80),
         identity_exact=False,
@@ -183,6 +199,7 @@ MATRIX += [
     ),
     Case(
         name="sam-vpt_deep",
+        core=False,
         model="sam_tiny",
         kwargs={"gating": False, "use_lora": False, "use_adapter": False},
         input_shape=(2, 3, 64, 64),
@@ -201,6 +218,7 @@ MATRIX += [
     ),
     Case(
         name="sam-adapter",
+        core=False,
         model="sam_tiny",
         kwargs={"gating": False, "use_lora": False, "use_prefix": False},
         input_shape=(2, 3, 64, 64),
@@ -233,9 +251,16 @@ _MASK2FORMER = {"has_batchnorm": False, "identity_exact": False, "input_shape": 
 # (backbone, pixel decoder and their adapters), before the first threshold.
 _MASKED_ATTENTION = {"low_precision_output": "pixel_decoder_last_hidden_state", **_MASK2FORMER}
 MATRIX += [
-    Case(name="m2f-deform_lora", model="mask2former_tiny", config_cls=DeformableLoRAConfig, **_MASKED_ATTENTION),
+    Case(
+        name="m2f-deform_lora",
+        core=False,
+        model="mask2former_tiny",
+        config_cls=DeformableLoRAConfig,
+        **_MASKED_ATTENTION,
+    ),
     Case(
         name="m2f-deform_lora_ranks_mha_heads",
+        core=False,
         model="mask2former_tiny",
         config_cls=DeformableLoRAConfig,
         kwargs={
@@ -271,6 +296,7 @@ MATRIX += [
     ),
     Case(
         name="detr-seq_adapter1",
+        core=False,
         model="deformable_detr_tiny",
         config_cls=SeqAdapterConfig,
         kwargs={"adapters_per_block": 1},
