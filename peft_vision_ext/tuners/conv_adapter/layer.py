@@ -10,6 +10,19 @@ Fusion math (eval mode, ``BN_a`` with frozen running statistics):
 branch *when* the conv has odd kernel, "same" padding ``dilation * (k - 1) / 2`` and the branch has the conv's stride:
 the centre tap of output pixel i reads input pixel ``i * stride``, exactly what the strided 1x1 conv reads, and never
 a padded pixel (so borders, and any ``padding_mode``, are exact). ``W1 c + b1`` goes into the conv bias.
+
+The forward paths of `Conv2d`:
+
+* eval mode, no gradients: `folded_weight` (recomputed at every call, never cached) and one conv;
+* train mode ("conv" adapters): BN_a with batch statistics is still affine per channel, so the same fold applies with
+  ``a``, ``c`` from the batch statistics; `_autograd.FoldedConvAdapterFunction` runs one conv forward and a backward
+  that computes the input gradient through the folded kernel plus the small 1x1 and BN-affine gradients in closed
+  form, never the k x k weight gradient of a frozen conv, and keeps no normalised copy of the input. Eval mode with
+  gradients uses it too, with the running statistics as constants;
+* train mode ("bn" adapters): the base conv, then `_autograd.BatchNormAffineFunction` (all BN_a of the conv share
+  the output's statistics: one ``addcmul`` and one BatchNorm backward);
+* otherwise (``fold_in_train``/``fold_in_eval`` off, hooks on the adapter modules, a mix of "conv" and "bn"
+  adapters in training, BatchNorms that are not plain affine ``nn.BatchNorm2d``): the branches, module by module.
 """
 
 from __future__ import annotations
@@ -23,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+
+from ._autograd import BatchNormAffineFunction, ConvGeometry, FoldedConvAdapterFunction, NormState
 
 
 def fusion_blockers(conv: nn.Module) -> list[str]:
@@ -71,6 +86,9 @@ class ConvAdapterLayer(BaseTunerLayer):
         self._bias_created_by_merge = False
         # Fold eval-mode adapters into the kernel in `forward` (see there); tests switch it off to check both paths.
         self.fold_in_eval = True
+        # Run train-mode adapters (and eval-mode ones with gradients) through the fused autograd Functions of
+        # `_autograd.py`; False computes the branches module by module (the reference the tests compare with).
+        self.fold_in_train = True
         # What peft's utilities read on tuner layers (as peft's own LoRA Conv2d sets them).
         self.in_features = base_layer.in_channels
         self.out_features = base_layer.out_channels
@@ -327,12 +345,32 @@ class Conv2d(nn.Module, ConvAdapterLayer):
         active = [name for name in self.active_adapters if name in self.convadapter_bn]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        if self.fold_in_eval and not any(self.convadapter_bn[name].training for name in active):
-            # Eval mode: every adapter is an affine map of the conv's input or output, so fold them into the kernel
-            # (see `folded_weight`). One conv instead of 1 + len(active) passes over the activations;
-            # differentiable in the adapter weights, and equal to the branch computation up to float rounding.
-            weight, bias = self.folded_weight(active)
-            return self.get_base_layer()._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, bias)
+        bns = [self.convadapter_bn[name] for name in active]
+        if any(bn.training for bn in bns):
+            if not (self.fold_in_train and not args and not kwargs and self._modules_can_be_bypassed(x, active)):
+                return self._branch_forward(x, active, *args, **kwargs)
+            # `_modules_can_be_bypassed` ran the frozen-BN guard, which may have put BatchNorms in eval mode.
+            if all(bn.training for bn in bns):
+                out = self._fused_train_forward(x, active)
+                return self._branch_forward(x, active) if out is None else out
+            if any(bn.training for bn in bns):
+                return self._branch_forward(x, active)
+        if not self.fold_in_eval:
+            return self._branch_forward(x, active, *args, **kwargs)
+        # Eval mode: every adapter is an affine map of the conv's input or output, so fold them into the kernel. One
+        # conv instead of 1 + len(active) passes over the activations; equal to the branches up to float rounding.
+        if self.fold_in_train and torch.is_grad_enabled() and self._needs_grad(x, active):
+            # With gradients (e.g. training with frozen BN statistics), the Function skips the k x k weight gradient
+            # that autograd through `folded_weight` would compute.
+            if all(self.adapter_type[name] == "conv" for name in active):
+                out = self._folded_conv_function(x, active, batch_stats=False)
+                if out is not None:
+                    return out
+        weight, bias = self.folded_weight(active)
+        return self.get_base_layer()._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, bias)
+
+    def _branch_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The adapters as branches, module by module: the reference the fused paths are tested against."""
         result = self.base_layer(x, *args, **kwargs)  # (B, C_out, H', W')
         base_out = result
         for name in active:
@@ -346,6 +384,119 @@ class Conv2d(nn.Module, ConvAdapterLayer):
                 adapter_in = self._cast_input_dtype(base_out, bn.weight.dtype)
                 result = result + bn(adapter_in).to(result.dtype)
         return result
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Fused paths (see `_autograd.py`)
+    # ----------------------------------------------------------------------------------------------------------------
+    def _modules_can_be_bypassed(self, x: torch.Tensor, active: list[str]) -> bool:
+        """Whether the fused training paths may skip calling the adapters' BN and 1x1 conv modules (and the base
+        conv, for "conv" adapters): only when nothing hooks them. The one hook we know, the frozen-BN guard of
+        `protect_frozen_batchnorm` (on every BatchNorm, adapter BNs included), is applied here as the module call
+        would: a train-mode adapter BN whose parameters are all frozen goes to eval mode."""
+        from .model import _frozen_batchnorm_pre_hook  # model.py imports this module
+
+        modules: list[nn.Module] = [self.get_base_layer()]
+        for name in active:
+            modules.append(self.convadapter_bn[name])
+            if name in self.convadapter_conv:
+                modules.append(self.convadapter_conv[name])
+        for module in modules:
+            if module._forward_hooks or module._backward_hooks or module._backward_pre_hooks:
+                return False
+            if any(hook is not _frozen_batchnorm_pre_hook for hook in module._forward_pre_hooks.values()):
+                return False
+        for module in modules:
+            for hook in list(module._forward_pre_hooks.values()):
+                hook(module, (x,))
+        return True
+
+    def _needs_grad(self, x: torch.Tensor, active: list[str]) -> bool:
+        if x.requires_grad:
+            return True
+        base = self.get_base_layer()
+        tensors = [base.weight, base.bias]
+        for name in active:
+            tensors += list(self.convadapter_bn[name].parameters())
+            if name in self.convadapter_conv:
+                tensors += list(self.convadapter_conv[name].parameters())
+        return any(t is not None and t.requires_grad for t in tensors)
+
+    @staticmethod
+    def _plain_batchnorm(bn: nn.Module) -> bool:
+        return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+
+    @staticmethod
+    def _averaging_factor(bn: nn.BatchNorm2d) -> float:
+        """`nn.BatchNorm2d.forward`'s bookkeeping, verbatim: count the batch, return the running-average factor."""
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        return factor
+
+    def _fused_train_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor | None:
+        """Train-mode adapters through one autograd Function; None where only the branch path applies (a mix of
+        "conv" and "bn" adapters, BatchNorms other than a plain affine `nn.BatchNorm2d`, non-4D input)."""
+        kinds = {self.adapter_type[name] for name in active}
+        if kinds == {"conv"}:
+            return self._folded_conv_function(x, active, batch_stats=True)
+        if kinds != {"bn"} or x.dim() != 4:
+            return None
+        bns = [self._batchnorm(name) for name in active]
+        if not all(self._plain_batchnorm(bn) for bn in bns) or len({bn.eps for bn in bns}) != 1:
+            return None
+        z = self.base_layer(x)  # (B, C_out, H', W'): the base conv through plain autograd (grad-input only)
+        norms = [NormState(bn.eps, self._averaging_factor(bn), bn.running_mean, bn.running_var) for bn in bns]
+        return BatchNormAffineFunction.apply(norms, z, *[t for bn in bns for t in (bn.weight, bn.bias)])
+
+    def _folded_conv_function(self, x: torch.Tensor, active: list[str], batch_stats: bool) -> torch.Tensor | None:
+        """ "conv" adapters folded into the base conv for forward and backward (`FoldedConvAdapterFunction`)."""
+        base = self.get_base_layer()
+        if x.dim() != 4:
+            return None
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and base.weight.dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(device_type)  # what the base conv would run in
+        elif x.dtype == base.weight.dtype:
+            dtype = base.weight.dtype
+        else:
+            return None  # the branch path reproduces whatever the plain conv does with mismatched dtypes
+        bns = [self._batchnorm(name) for name in active]
+        if not all(self._plain_batchnorm(bn) for bn in bns):
+            return None
+        convs = [self.convadapter_conv[name] for name in active]
+        if any(type(conv) is not nn.Conv2d for conv in convs):
+            return None
+        x_padded = pad = None
+        if base.padding_mode != "zeros":
+            # F.pad outside the Function: autograd routes the conv's input gradient back through the padding.
+            pad = tuple(base._reversed_padding_repeated_twice)
+            x_padded = F.pad(x, pad, mode=base.padding_mode)
+            padding = (0, 0)
+        elif isinstance(base.padding, str):  # "same" (odd kernels: symmetric) or "valid" (1x1 kernels only)
+            same = base.padding == "same"
+            padding = tuple(d * (k - 1) // 2 if same else 0 for k, d in zip(base.kernel_size, base.dilation))
+        else:
+            padding = tuple(base.padding)
+        geometry = ConvGeometry(
+            stride=tuple(base.stride),
+            padding=padding,
+            dilation=tuple(base.dilation),
+            groups=base.groups,
+            kernel_size=tuple(base.kernel_size),
+            pad=pad,
+            pad_mode=base.padding_mode,
+            compute_dtype=dtype,
+            device_type=device_type,
+        )
+        norms = [
+            NormState(bn.eps, self._averaging_factor(bn) if batch_stats else 0.0, bn.running_mean, bn.running_var)
+            for bn in bns
+        ]
+        tensors = [t for conv, bn in zip(convs, bns) for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
+        return FoldedConvAdapterFunction.apply(
+            geometry, norms, batch_stats, x, x_padded, base.weight, base.bias, *tensors
+        )
 
     def __repr__(self) -> str:
         return "convadapter." + super().__repr__()
