@@ -325,3 +325,37 @@ def test_unload_returns_the_untouched_base():
     assert type(unloaded) is type(base) and torch.equal(unloaded(x), expected)
     assert not any(isinstance(m, ConvAdapterLayer) for m in unloaded.modules())
     assert unloaded.stem.bias is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["grouped", "depthwise", "3x3-stride2-nobias"])
+def test_fold_of_a_float64_conv_stays_float64(name):
+    """The fold sums in float32 for float32 and lower precisions (rounded once, as `merge`), in float64 for float64:
+    a float64 model folds as exactly as float64 allows."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**CONVS[name]).double().eval()
+    model = get_peft_model(Wrap(conv), ConvAdapterConfig(init_weights=False)).double().eval()
+    model.add_adapter("other", ConvAdapterConfig(init_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    x = torch.randn(2, conv.in_channels, 11, 9, dtype=torch.float64)
+    layer = model.base_model.model.conv
+    layer.fold_in_eval = False
+    branch = model(x)
+    layer.fold_in_eval = True
+    assert model(x).dtype == torch.float64 and rel_diff(model(x), branch) < 1e-13
+
+
+@torch.no_grad()
+def test_eval_fold_keeps_nothing_between_calls():
+    """No cache: after an eval forward the layers hold exactly the tensors they held before (parameters, buffers)."""
+    model = _peft(make_tiny_cnn(), init_weights=False).eval()
+    layers = [m for m in model.modules() if isinstance(m, ConvAdapterLayer)]
+
+    def tensors(layer):
+        return {id(v) for v in vars(layer).values() if isinstance(v, torch.Tensor)} | {
+            id(t) for t in layer.state_dict(keep_vars=True).values()
+        }
+
+    before = [tensors(layer) for layer in layers]
+    model(torch.randn(1, 3, 16, 16))
+    assert [tensors(layer) for layer in layers] == before

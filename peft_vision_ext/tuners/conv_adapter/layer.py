@@ -37,7 +37,15 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ._autograd import BatchNormAffineFunction, ConvGeometry, FoldedConvAdapterFunction, NormState
+from ._autograd import (
+    BatchNormAffineFunction,
+    ConvGeometry,
+    FoldedConvAdapterFunction,
+    NormState,
+    accumulation_dtype,
+    centre_tap_delta,
+    fold_kernel,
+)
 
 
 def fusion_blockers(conv: nn.Module) -> list[str]:
@@ -169,13 +177,15 @@ class ConvAdapterLayer(BaseTunerLayer):
         return bn
 
     def _bn_affine(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode ``BN_a(x) = a * x + c``; returns ``(a, c)``, each ``(C,)`` in float32."""
+        """Eval-mode ``BN_a(x) = a * x + c``; returns ``(a, c)``, each ``(C,)`` in float32 (float64 for a float64
+        conv)."""
         bn = self.convadapter_bn[adapter_name]
-        inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
-        gamma = bn.weight.float() if bn.affine else torch.ones_like(inv_std)
-        beta = bn.bias.float() if bn.affine else torch.zeros_like(inv_std)
+        acc = accumulation_dtype(self.get_base_layer().weight.dtype)
+        inv_std = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        gamma = bn.weight.to(acc) if bn.affine else torch.ones_like(inv_std)
+        beta = bn.bias.to(acc) if bn.affine else torch.zeros_like(inv_std)
         a = gamma * inv_std
-        c = beta - bn.running_mean.float() * a
+        c = beta - bn.running_mean.to(acc) * a
         return a, c
 
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,8 +198,8 @@ class ConvAdapterLayer(BaseTunerLayer):
         weight = base.weight
         if self.adapter_type[adapter_name] == "bn":
             a, c = self._bn_affine(adapter_name)  # (C_out,)
-            bias = base.bias.float() if base.bias is not None else torch.zeros_like(a)
-            delta_w = a.view(-1, 1, 1, 1) * weight.float()
+            bias = base.bias.to(a.dtype) if base.bias is not None else torch.zeros_like(a)
+            delta_w = a.view(-1, 1, 1, 1) * weight.to(a.dtype)
             delta_b = a * bias + c
             return delta_w, delta_b
 
@@ -201,45 +211,41 @@ class ConvAdapterLayer(BaseTunerLayer):
 
     def _centre_tap_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """For a "conv" adapter: the centre-tap kernel ``W1 diag(a)`` ``(C_out, C_in/g)`` and bias ``W1 c + b1``."""
-        base = self.get_base_layer()
         conv = self.convadapter_conv[adapter_name]
         a, c = self._bn_affine(adapter_name)  # (C_in,)
-        groups = base.groups
-        c_in_g = base.in_channels // groups
-        c_out_g = base.out_channels // groups
-        w1 = conv.weight.float()[:, :, 0, 0]  # (C_out, C_in / groups)
-        # Output channel o of a grouped conv reads input channels of its own group: (C_out, C_in / groups).
-        group_of_out = torch.arange(base.out_channels, device=w1.device) // c_out_g
-        a_per_out = a.view(groups, c_in_g)[group_of_out]
-        c_per_out = c.view(groups, c_in_g)[group_of_out]
-        delta_b = (w1 * c_per_out).sum(dim=1)  # (C_out,)
-        if conv.bias is not None:
-            delta_b = delta_b + conv.bias.float()
-        return w1 * a_per_out, delta_b
+        return centre_tap_delta(conv.weight, conv.bias, a, c, self.get_base_layer().groups)
 
     def folded_weight(self, active: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel and bias of the conv with the (eval-mode) adapters ``active`` folded in.
 
         Computed at every call from the current tensors, never cached: a cache keyed on tensor identity and version
         cannot see an in-place change through ``.data`` (``p.data.mul_(2)`` does not bump ``p._version``), and a
-        stale kernel would be a silently wrong result. The fold touches weights only, not activations.
+        stale kernel would be a silently wrong result. The fold touches weights only, not activations: one copy of
+        the kernel, alive until the conv has run, plus ``C_out x C_in/g`` entries per adapter.
         """
         base = self.get_base_layer()
+        dtype = base.weight.dtype
+        # Summed in float32 and rounded once to the conv's dtype, adapter after adapter, as `merge` does: unmerged
+        # eval equals the merged model bit for bit, also on a bf16/fp16 base.
+        bias = None if base.bias is None else base.bias.to(accumulation_dtype(dtype))
+        if all(self.adapter_type[name] == "conv" for name in active):
+            centres = []
+            for name in active:
+                centre, delta_b = self._centre_tap_delta(name)
+                centres.append(centre)
+                bias = delta_b if bias is None else bias + delta_b
+            return fold_kernel(base.weight, centres, dtype), bias.to(dtype)
         kh, kw = base.kernel_size
-        # Summed in float32 and rounded once to the conv's dtype, as `merge` does: unmerged eval equals the merged
-        # model bit for bit, also on a bf16/fp16 base.
-        weight = base.weight.to(torch.float32, copy=True)  # (C_out, C_in/g, kh, kw)
-        bias = None if base.bias is None else base.bias.to(torch.float32, copy=True)
+        weight = base.weight.to(accumulation_dtype(dtype), copy=True)  # (C_out, C_in/g, kh, kw)
         for name in active:
             if self.adapter_type[name] == "conv":
                 centre, delta_b = self._centre_tap_delta(name)
-                # In place on the copy: touches C_out x C_in/g entries instead of building a padded k x k delta.
                 weight[:, :, kh // 2, kw // 2] += centre
             else:
                 delta_w, delta_b = self.get_delta_weight(name)
                 weight = weight + delta_w
             bias = delta_b if bias is None else bias + delta_b
-        return weight.to(base.weight.dtype), None if bias is None else bias.to(base.weight.dtype)
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 class Conv2d(nn.Module, ConvAdapterLayer):
