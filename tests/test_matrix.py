@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -34,7 +36,11 @@ from testing_common import (
 )
 
 
-CASES = pytest.mark.parametrize("case", MATRIX, ids=[case.name for case in MATRIX])
+CASES = pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, marks=pytest.mark.slow) if case.heavy else case for case in MATRIX],
+    ids=[case.name for case in MATRIX],
+)
 
 
 def _core_first(cases):
@@ -94,7 +100,11 @@ def test_only_adapter_parameters_train(case):
     check_only_adapters_train(case)
 
 
-@pytest.mark.parametrize("case", BN_CASES, ids=[case.name for case in BN_CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, marks=pytest.mark.slow) if case.heavy else case for case in BN_CASES],
+    ids=[case.name for case in BN_CASES],
+)
 def test_bn_statistics_unchanged_by_training(case):
     check_bn_stats_frozen(case)
 
@@ -151,18 +161,32 @@ def test_damaged_checkpoint_is_refused(case, damage, saved_adapters, tmp_path):
     check_damaged_checkpoint(case, damage, saved_adapters.get(case), foreign, str(tmp_path / "damaged"))
 
 
+class FreshProcessResults:
+    """Saves the cases of one kind (core or not) on first use, then loads them all in ONE fresh interpreter (imports
+    cost seconds): a default run never saves the non-core cases."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.jobs: dict[bool, dict] = {}
+
+    def get(self, case):
+        if case.core not in self.jobs:
+            workdir = os.path.join(self.root, "core" if case.core else "other")
+            os.makedirs(workdir)
+            jobs = {c.name: save_for_fresh_process(c, workdir) for c in MATRIX if c.core == case.core}
+            load_in_fresh_process(list(jobs.values()), workdir)
+            self.jobs[case.core] = jobs
+        return self.jobs[case.core][case.name]
+
+
 @pytest.fixture(scope="module")
 def fresh_process_results(tmp_path_factory):
-    """Save every case once, then load them all in ONE fresh interpreter (imports cost seconds)."""
-    workdir = str(tmp_path_factory.mktemp("fresh"))
-    jobs = {case.name: save_for_fresh_process(case, workdir) for case in MATRIX}
-    load_in_fresh_process(list(jobs.values()), workdir)
-    return jobs
+    return FreshProcessResults(str(tmp_path_factory.mktemp("fresh")))
 
 
-@CASES
+@EXTENDED
 def test_save_load_in_fresh_process(case, fresh_process_results):
-    job = fresh_process_results[case.name]
+    job = fresh_process_results.get(case)
     expected, got = torch.load(job["expected"]), torch.load(job["output"])
     atol = case.tolerance("fresh_process")
     assert torch.allclose(got, expected, rtol=0, atol=atol), (

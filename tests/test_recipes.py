@@ -156,6 +156,7 @@ def _assert_loads_back(base, adapter_dir, rank_state) -> None:
     assert all(torch.equal(loaded_state[key], rank_state[key]) for key in rank_state)
 
 
+@pytest.mark.slow  # the SAM twin runs DDP on two processes in the default run
 def test_accelerate_twin_two_cpu_processes(tmp_path):
     script = os.path.join(RECIPE, "run_space_rocks_no_trainer.py")
     rank0, _ = _run_twin_on_two_cpu_processes(script, tmp_path, 29517, "--encoder_name", "test_resnet")
@@ -241,6 +242,7 @@ def test_mask2former_instance_quick(tmp_path):
     assert saved["pareto_front"]["moon-boulders"]
 
 
+@pytest.mark.slow  # the SAM twin runs DDP on two processes in the default run
 def test_mask2former_instance_accelerate_twin_two_cpu_processes(tmp_path):
     script = os.path.join(ROOT, "recipes", "mask2former_instance", "run_mask2former_instance_no_trainer.py")
     rank0, results = _run_twin_on_two_cpu_processes(script, tmp_path, 29519, "--method", "deform_lora+seq_adapter")

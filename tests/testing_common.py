@@ -93,6 +93,9 @@ class Case:
     # method whose core case already runs everything) run the original six checks there, and every other check
     # under `-m slow`, which CI-free full runs use. New methods: leave this True.
     core: bool = True
+    # A case whose model is heavy for the 2-core CI (the seed's resnet18 U-Net): every check of it runs under
+    # `-m slow` only; lighter cases of the same method cover the default run.
+    heavy: bool = False
     # Per-case overrides of `TOLERANCES` (same keys).
     tolerances: dict[str, float] = field(default_factory=dict)
     # The output that `check_low_precision` compares with fp32: the logits, or a field of the model output computed
@@ -150,6 +153,7 @@ MATRIX: list[Case] = [
     Case(
         name="unet_resnet18-conv-head",
         core=False,
+        heavy=True,
         model="unet_resnet18",
         kwargs={"modules_to_save": ["segmentation_head"]},
         input_shape=(2, 3, 32, 40),
@@ -273,6 +277,7 @@ MATRIX += [
     ),
     Case(
         name="m2f-seq_adapter3",
+        core=False,
         model="mask2former_tiny",
         config_cls=SeqAdapterConfig,
         kwargs={"adapters_per_block": 3},
