@@ -33,7 +33,8 @@ def test_readme_section_runs(heading, tmp_path):
     assert blocks, f"{heading!r} has no python block"
     # Each block is announced on stderr, so an error names the block it came from.
     script = "\n".join(
-        f"import sys; print('--- block {i} ---', file=sys.stderr, flush=True)\n{block}" for i, block in enumerate(blocks)
+        f"import sys; print('--- block {i} ---', file=sys.stderr, flush=True)\n{block}"
+        for i, block in enumerate(blocks)
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ROOT}
     result = subprocess.run(

@@ -500,7 +500,9 @@ def test_mask2former_processor_matches_the_instance_training_transform(tmp_path)
     assert type(processor).__name__ == "Mask2FormerImageProcessor" and processor.do_resize is False
     pixel_values = processor(IMAGE, return_tensors="pt")["pixel_values"][0]
     instance_map = np.zeros(IMAGE.size[::-1], dtype=np.int32)
-    trained_on = InstanceSegmentationTransform()({"image": IMAGE, "instance_map": instance_map, "instance_classes": []})
+    trained_on = InstanceSegmentationTransform()(
+        {"image": IMAGE, "instance_map": instance_map, "instance_classes": []}
+    )
     torch.testing.assert_close(pixel_values, trained_on["pixel_values"], atol=1e-5, rtol=0)
     save_image_processor(get_peft_model(model, peft_vision_ext.SeqAdapterConfig()), tmp_path)
     assert os.path.isfile(tmp_path / "preprocessor_config.json")
