@@ -3,22 +3,30 @@
 
 What is measured, per encoder (default ``resnet18`` and ``vgg19_bn``, ``num_labels=3``, square ``--size`` input):
 
-* **Inference** (``model.eval()``, ``torch.inference_mode()``), per batch size in ``--batch-sizes``, four variants:
+* **Inference** (``model.eval()``, ``torch.inference_mode()``), per batch size in ``--batch-sizes``, five variants:
   ``base`` (the plain U-Net), ``unfused`` (peft model, conv adapters on every fusable conv, default eval fast path:
   the adapters folded into the kernel at every call; nothing is cached, so no extra weight copy and never a stale
   kernel), ``unfused_branch`` (``fold_in_eval=False`` on every ``ConvAdapterLayer``: conv + BN + 1x1 conv branch
-  per layer) and ``fused`` (``merge_and_unload``). The
-  adapters carry random weights and BN statistics (``init_weights=False``) so that fused and unfused outputs can be
-  compared (``max_abs_diff_*`` in the JSON).
+  per layer), ``fused`` (``merge_and_unload``) and ``lora_unfused`` (stock peft ``LoraConfig`` on the same convs,
+  unmerged; see below). The adapters carry random weights and BN statistics (``init_weights=False``; LoRA:
+  ``init_lora_weights=False``) so that fused and unfused outputs can be compared (``max_abs_diff_*`` in the JSON).
 * **Training** (``model.train()``, one step = ``zero_grad`` + forward with labels + cross-entropy backward + AdamW
   step), per batch size in ``--train-batch-sizes``: ``full_ft`` (plain U-Net, every parameter trainable),
-  ``conv_adapter`` (``ConvAdapterConfig(modules_to_save=["segmentation_head"])``), ``conv_adapter_ckpt`` (the same
-  with the U-Net's gradient checkpointing on) and ``bn_adapter`` (the same with
-  ``adapter_type="bn"``).
+  ``conv_adapter`` (``ConvAdapterConfig(modules_to_save=["segmentation_head"])``; train mode runs the fused autograd
+  Function of ``tuners/conv_adapter/_autograd.py``), ``bn_adapter`` (the same with ``adapter_type="bn"``),
+  ``conv_adapter_ckpt`` (conv adapters with the U-Net's gradient checkpointing on), ``lora`` (stock peft LoRA on the
+  same convs, same head) and ``adapter_floor`` (no adapters: the base frozen with its BatchNorms in eval mode, only
+  the first conv's weight and the segmentation head trainable, so that backward still runs through the whole
+  network: what a step with adapters that cost nothing would cost).
+* **Stock LoRA**: ``LoraConfig(r=r, lora_alpha=r, lora_dropout=0, target_modules=<the convs the conv adapters
+  adapt>, modules_to_save=["segmentation_head"])`` with one ``r`` for all layers, chosen so that LoRA's adapter
+  parameters (``r (C_in k_h k_w + C_out)`` per conv) match the conv adapters' as closely as one ``r`` can. Per-round
+  ratios ``conv_adapter / lora`` (training) and ``unfused / lora_unfused`` (inference) are reported.
 * **Parameters**: base, trainable with each adapter type, fused (= base + biases created for bias-free convs).
 * **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode`` at batch 1: one inference forward per variant (fused
   must equal base exactly), and one training forward+backward per training variant. The counter only counts
-  matmul/conv-like ops (no BN, elementwise, pad or add), so the on-the-fly fold of the fast path is invisible to it.
+  matmul/conv-like ops (no BN, elementwise, pad or add), so the on-the-fly fold of the fast path is invisible to it;
+  the 1x1 weight gradients of the fused training path (``bmm``) are counted.
 
 Timing method: every variant of a group (one encoder, one mode, one batch size) is built up front and warmed up
 (inference: ``--warmup`` untimed calls, the last of them the memory-tracked call below; training: ``--warmup``
@@ -54,9 +62,12 @@ training) calls, collects garbage and trims again, records RSS, resets the kerne
 over the post-import baseline, and the peak RSS during the call over that baseline (what the process really held,
 including allocator and oneDNN overheads).
 
-Usage (the JSON goes to ``--output``, ``--markdown`` prints the tables; the full CPU run takes about 5 min on a
-shared 2-core Zen 4 VM, the RSS cross-check about as long)::
+Usage (the JSON goes to ``--output``, ``--markdown`` prints the tables). The figures of ``BENCHMARKS.md`` (256 px,
+batch 4, 10 inference and 6 training rounds: about 10 min on a 2-core Zen 4 VM, three quarters of it vgg19_bn), other
+batch sizes, the RSS cross-check (about as long) and a CUDA run::
 
+    python benchmarks/bench_conv_adapter.py --size 256 --batch-sizes 4 --train-batch-sizes 4 --repeats 10 \
+        --train-repeats 6 --output benchmarks/results/conv_adapter_cpu_256.json --markdown
     python benchmarks/bench_conv_adapter.py --encoders resnet18 vgg19_bn --size 256 --batch-sizes 1 4 \
         --repeats 5 --device cpu --output benchmarks/results/conv_adapter.json --markdown
     python benchmarks/bench_conv_adapter.py --rss-only --encoders resnet18 vgg19_bn --size 256 --batch-sizes 1 4 \
@@ -89,7 +100,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from peft import get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -106,6 +117,7 @@ from timing import (  # noqa: E402  (a sibling module: this script's folder is o
     machine_info,
     make_optimizer,
     measure_memory,
+    paired_ratio,
     spread,
     summarize,
     synchronizer,
@@ -114,8 +126,11 @@ from timing import (  # noqa: E402  (a sibling module: this script's folder is o
 )
 
 
-INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
-TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt")
+INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused", "lora_unfused")
+TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt", "lora", "adapter_floor")
+# Per-round ratios between two variants of a group, besides the ratios to the reference.
+INFERENCE_PAIRS = (("unfused", "lora_unfused"),)
+TRAINING_PAIRS = (("conv_adapter", "lora"), ("conv_adapter", "adapter_floor"), ("bn_adapter", "adapter_floor"))
 NUM_LABELS = 3
 
 
@@ -143,7 +158,48 @@ def build_peft(base: nn.Module, adapter_type: str = "conv", init_weights: bool =
     return get_peft_model(copy.deepcopy(base), config)
 
 
-def build_inference_variants(base: nn.Module, device: torch.device) -> dict[str, nn.Module]:
+def adapted_conv_names(base: nn.Module) -> list[str]:
+    """The convs the conv adapters adapt (every fusable conv outside the segmentation head)."""
+    return sorted(build_peft(base).peft_config["default"].target_modules)
+
+
+def lora_rank(base: nn.Module) -> int:
+    """One LoRA rank for all adapted convs whose adapter parameter count is closest to the conv adapters'. LoRA's
+    count is linear in ``r`` (``lora_A``: ``r x C_in x k_h x k_w``, ``lora_B``: ``C_out x r``, no biases)."""
+    conv = build_peft(base)
+    target = sum(p.numel() for n, p in conv.named_parameters() if "convadapter_" in n)
+    one = build_lora(base, r=1)
+    per_rank = sum(p.numel() for n, p in one.named_parameters() if "lora_" in n)
+    return max(1, round(target / per_rank))
+
+
+def build_lora(base: nn.Module, r: int, init_weights: bool = True) -> nn.Module:
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        target_modules=adapted_conv_names(base),
+        modules_to_save=["segmentation_head"],
+        init_lora_weights=init_weights,
+    )
+    return get_peft_model(copy.deepcopy(base), config)
+
+
+def build_floor(base: nn.Module) -> nn.Module:
+    """No adapters: frozen base (BatchNorms kept in eval mode), the first conv's weight and the head trainable, so
+    that backward runs through the whole network as it must with an adapter on the first conv."""
+    from peft_vision_ext.tuners.conv_adapter import protect_frozen_batchnorm
+
+    model = copy.deepcopy(base)
+    model.requires_grad_(False)
+    model.segmentation_head.requires_grad_(True)
+    first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+    first.weight.requires_grad_(True)
+    protect_frozen_batchnorm(model)
+    return model
+
+
+def build_inference_variants(base: nn.Module, device: torch.device, r: int) -> dict[str, nn.Module]:
     """The inference variants; the two unfused ones are copies of one adapter model (fold switched)."""
     unfused = build_peft(base, init_weights=False).eval()
     fused = copy.deepcopy(unfused).merge_and_unload().eval()
@@ -153,13 +209,16 @@ def build_inference_variants(base: nn.Module, device: torch.device) -> dict[str,
         "unfused": unfused,
         "unfused_branch": branch,
         "fused": fused,
+        "lora_unfused": build_lora(base, r, init_weights=False).eval(),
     }
     return {name: model.to(device) for name, model in models.items()}
 
 
-def build_inference_variant(name: str, base: nn.Module) -> nn.Module:
+def build_inference_variant(name: str, base: nn.Module, r: int) -> nn.Module:
     if name == "base":
         return base.eval()
+    if name == "lora_unfused":
+        return build_lora(base, r, init_weights=False).eval()
     unfused = build_peft(base, init_weights=False).eval()
     if name == "fused":
         return unfused.merge_and_unload().eval()
@@ -167,7 +226,7 @@ def build_inference_variant(name: str, base: nn.Module) -> nn.Module:
     return unfused
 
 
-def build_training_variant(name: str, base: nn.Module) -> nn.Module:
+def build_training_variant(name: str, base: nn.Module, r: int) -> nn.Module:
     if name == "full_ft":
         model = copy.deepcopy(base)
         model.requires_grad_(True)
@@ -178,6 +237,10 @@ def build_training_variant(name: str, base: nn.Module) -> nn.Module:
     elif name == "conv_adapter_ckpt":  # conv adapters with the U-Net's gradient checkpointing (encoder + decoder)
         model = build_peft(base, "conv")
         model.gradient_checkpointing_enable()
+    elif name == "lora":
+        model = build_lora(base, r)
+    elif name == "adapter_floor":
+        model = build_floor(base)
     else:
         raise ValueError(f"Unknown training variant {name!r}.")
     return model.train()
@@ -258,12 +321,12 @@ def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
     size, batch_size = spec["size"], spec["batch_size"]
     x = torch.randn(batch_size, 3, size, size)
     if spec["mode"] == "inference":
-        model = build_inference_variant(spec["variant"], base)
+        model = build_inference_variant(spec["variant"], base, spec["lora_r"])
         del base
         call = inference_call(model, x, None)
         calls = spec["warmup"]
     else:
-        model = build_training_variant(spec["variant"], base)
+        model = build_training_variant(spec["variant"], base, spec["lora_r"])
         del base
         labels = torch.randint(0, NUM_LABELS, (batch_size, size, size))
         call = training_step(model, make_optimizer(model), x, labels)
@@ -312,11 +375,13 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
     size = args.size
     result: dict[str, Any] = {}
     base = build_base(encoder, args.seed).to(device)
+    r = lora_rank(base)
 
     # ---- parameters -------------------------------------------------------------------------------------------------
-    models = build_inference_variants(base, device)
-    conv_train = build_training_variant("conv_adapter", base)
-    bn_train = build_training_variant("bn_adapter", base)
+    models = build_inference_variants(base, device, r)
+    conv_train = build_training_variant("conv_adapter", base, r)
+    bn_train = build_training_variant("bn_adapter", base, r)
+    lora_train = build_training_variant("lora", base, r)
     head = count_params(base.segmentation_head)
     params = {
         "base": count_params(base),
@@ -325,24 +390,29 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
         "segmentation_head": head,
     }
     params["fused_created_bias"] = params["fused"] - params["base"]
-    for name, model in (("conv_adapter", conv_train), ("bn_adapter", bn_train)):
-        adapter = sum(p.numel() for n, p in model.named_parameters() if "convadapter_" in n)
+    for name, model, prefix in (
+        ("conv_adapter", conv_train, "convadapter_"),
+        ("bn_adapter", bn_train, "convadapter_"),
+        ("lora", lora_train, "lora_"),
+    ):
+        adapter = sum(p.numel() for n, p in model.named_parameters() if prefix in n)
         params[name] = {
             "trainable": count_params(model, trainable_only=True),
             "adapter_only": adapter,
             "trainable_pct_of_base": 100.0 * count_params(model, trainable_only=True) / params["base"],
         }
+    params["lora"]["r"] = r
     result["params"] = params
-    del conv_train, bn_train
+    del conv_train, bn_train, lora_train
 
     # ---- FLOPs (batch 1) --------------------------------------------------------------------------------------------
     x1 = torch.randn(1, 3, size, size, device=device)
-    folds = {"base": None, "unfused": True, "unfused_branch": False, "fused": None}
+    folds = {"base": None, "unfused": True, "unfused_branch": False, "fused": None, "lora_unfused": None}
     inference_flops = {name: count_flops(inference_call(models[name], x1, folds[name])) for name in INFERENCE_VARIANTS}
     training_flops = {}
     labels1 = torch.randint(0, NUM_LABELS, (1, size, size), device=device)
     for name in TRAINING_VARIANTS:
-        model = build_training_variant(name, base).to(device)
+        model = build_training_variant(name, base, r).to(device)
 
         def forward_backward(model: nn.Module = model) -> None:
             model(pixel_values=x1, labels=labels1).loss.backward()
@@ -369,6 +439,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
             memory[name], outputs[name] = measure_memory(call, device, models[name], None, [x])
         times = interleaved_times(calls, args.repeats, sync)
         group = timing_report(times, "base")
+        group["pairs"] = {f"{a}/{b}": paired_ratio(times, a, b) for a, b in INFERENCE_PAIRS}
         for name in INFERENCE_VARIANTS:
             group[name]["memory"] = memory[name]
             group[name]["memory"]["peak_ratio_vs_base"] = memory[name]["peak_bytes"] / memory["base"]["peak_bytes"]
@@ -404,7 +475,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
         labels = torch.randint(0, NUM_LABELS, (batch_size, size, size), device=device)
         steps, memory = {}, {}
         for name in TRAINING_VARIANTS:
-            model = build_training_variant(name, base).to(device)
+            model = build_training_variant(name, base, r).to(device)
             optimizer = make_optimizer(model)
             steps[name] = training_step(model, optimizer, x, labels)
             for _ in range(max(args.warmup, 1)):
@@ -415,6 +486,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
             memory[name], _ = measure_memory(steps[name], device, model, optimizer, [x, labels])
         times = interleaved_times(steps, args.train_repeats, sync)
         group = timing_report(times, "full_ft")
+        group["pairs"] = {f"{a}/{b}": paired_ratio(times, a, b) for a, b in TRAINING_PAIRS}
         for name in TRAINING_VARIANTS:
             group[name]["memory"] = memory[name]
             group[name]["memory"]["peak_ratio_vs_full_ft"] = (
@@ -435,6 +507,7 @@ def bench_rss(encoder: str, args: argparse.Namespace) -> dict[str, Any]:
     size = args.size
     rss: dict[str, Any] = {}
     common = {"encoder": encoder, "size": size, "seed": args.seed, "threads": args.threads, "warmup": args.warmup}
+    common["lora_r"] = lora_rank(build_base(encoder, args.seed))
     for mode, variants, sizes in (
         ("inference", INFERENCE_VARIANTS, args.batch_sizes),
         ("training", TRAINING_VARIANTS, args.train_batch_sizes),
@@ -504,11 +577,26 @@ def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]
                 )
     lines += [
         "",
-        "Parameters and FLOPs (FlopCounterMode, batch 1; counts conv/matmul ops only).",
+        "Per-round ratios between variants (median [IQR] of each round's ratio).",
+        "",
+        "| encoder | group | ratio | " + " | ".join(headers[c] for c in clocks) + " |",
+        "|---|---|---|" + "---|" * len(clocks),
+    ]
+    for encoder, result in results.items():
+        for mode in ("inference", "training"):
+            for group_name, group in result[mode].items():
+                for pair, entry in group["pairs"].items():
+                    cells = " | ".join(spread(entry[c]["ratio"], 1, ".3f") for c in clocks)
+                    lines.append(f"| {encoder} | {mode} {group_name} | {pair} | {cells} |")
+    lines += [
+        "",
+        "Parameters and FLOPs (FlopCounterMode, batch 1; counts conv/matmul ops only). Trainable counts include the "
+        "segmentation head (modules_to_save); adapter-only counts in parentheses after LoRA's rank.",
         "",
         "| encoder | base params | fused params (created biases) | adapted convs | trainable, conv adapter | "
-        "trainable, BN adapter | GFLOPs base | fused | unfused (fast) | unfused (branch) | fused == base |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "trainable, BN adapter | trainable, LoRA (r; adapter only vs conv adapter's) | GFLOPs base | fused | "
+        "unfused (fast) | unfused (branch) | LoRA unfused | fused == base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for encoder, result in results.items():
         p, f = result["params"], result["flops"]["inference"]
@@ -516,8 +604,10 @@ def _timing_markdown(meta: dict[str, Any], results: dict[str, Any]) -> list[str]
             f"| {encoder} | {p['base']:,} | {p['fused']:,} (+{p['fused_created_bias']:,}) | {p['adapted_convs']} | "
             f"{p['conv_adapter']['trainable']:,} ({p['conv_adapter']['trainable_pct_of_base']:.1f}%) | "
             f"{p['bn_adapter']['trainable']:,} ({p['bn_adapter']['trainable_pct_of_base']:.2f}%) | "
+            f"{p['lora']['trainable']:,} (r={p['lora']['r']}; {p['lora']['adapter_only']:,} vs "
+            f"{p['conv_adapter']['adapter_only']:,}) | "
             f"{f['base'] / 1e9:.3f} | {f['fused'] / 1e9:.3f} | {f['unfused'] / 1e9:.3f} | "
-            f"{f['unfused_branch'] / 1e9:.3f} | {result['flops']['fused_equals_base']} |"
+            f"{f['unfused_branch'] / 1e9:.3f} | {f['lora_unfused'] / 1e9:.3f} | {result['flops']['fused_equals_base']} |"
         )
     lines += [
         "",

@@ -175,6 +175,15 @@ def timing_report(times: dict[str, dict[str, list[float]]], reference: str) -> d
     return report
 
 
+def paired_ratio(times: dict[str, dict[str, list[float]]], numerator: str, denominator: str) -> dict[str, Any]:
+    """Per clock: the per-round ratios ``numerator / denominator`` (same round, so drift cancels) and their summary."""
+    report = {}
+    for clock, values in times[numerator].items():
+        ratios = [value / ref for value, ref in zip(values, times[denominator][clock])]
+        report[clock] = {"values": ratios, "ratio": summarize(ratios)}
+    return report
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_conv_adapter.py"
-INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused")
-TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt")
+INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused", "lora_unfused")
+TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt", "lora", "adapter_floor")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,11 @@ def test_quick_benchmark_json_shape(quick_results: dict) -> None:
         assert entry["memory"]["peak_bytes"] > 0
     # Adapters train far fewer parameters, so they hold far less AdamW state than full fine-tuning.
     assert training["conv_adapter"]["memory"]["static_bytes"] < training["full_ft"]["memory"]["static_bytes"]
+    # Per-round ratios between variants (conv adapters vs stock LoRA, vs the zero-cost floor).
+    assert set(training["pairs"]) == {"conv_adapter/lora", "conv_adapter/adapter_floor", "bn_adapter/adapter_floor"}
+    assert set(inference["pairs"]) == {"unfused/lora_unfused"}
+    for entry in (*training["pairs"].values(), *inference["pairs"].values()):
+        assert len(entry["cpu"]["values"]) == 1 and entry["cpu"]["ratio"]["median"] > 0
 
 
 def test_quick_benchmark_fusion_is_exact(quick_results: dict) -> None:
@@ -88,6 +93,10 @@ def test_quick_benchmark_fusion_is_exact(quick_results: dict) -> None:
 
     params = result["params"]
     assert params["fused"] == params["base"] + params["fused_created_bias"]
+    # Stock LoRA on the same convs, r chosen for a parameter count close to the conv adapters'.
+    lora, conv = params["lora"], params["conv_adapter"]
+    assert params["lora"]["r"] >= 1 and 0.5 < lora["adapter_only"] / conv["adapter_only"] < 1.5
+    assert flops["lora_unfused"] > flops["base"]
     assert 0 < params["fused_created_bias"] < params["conv_adapter"]["adapter_only"]
     assert 0 < params["bn_adapter"]["trainable"] < params["conv_adapter"]["trainable"] < params["base"]
 
@@ -153,6 +162,7 @@ def _check_timed_entry(entry: dict, reference: str) -> None:
     assert memory["peak_bytes"] == memory["static_bytes"] + memory["transient_peak_bytes"] > 0
 
 
+@pytest.mark.slow  # the conv-adapter and MoPEFT benchmarks keep a smoke test in the default run
 def test_mask2former_benchmark_json_shape(mask2former_quick: dict) -> None:
     meta = mask2former_quick["meta"]
     assert meta["quick"] is True and meta["size"] == 64 and meta["repeats"] == 1 and meta["warmup"] == 1
