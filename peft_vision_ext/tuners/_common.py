@@ -222,7 +222,9 @@ def check_adapter_fits(
 
 class WrapperReplaceMixin:
     """``BaseTuner._replace_module`` for tuners whose layers wrap modules that may have no ``weight`` (blocks,
-    attention modules): swap the module and place the new adapter parameters on the device of the wrapped module."""
+    attention modules): swap the module and place the new adapter parameters on the device of the wrapped module.
+    peft's own version is not enough: on unload it puts back the wrapped module, which has no ``base_layer``, and then
+    reads ``child.weight`` (a block has none)."""
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
