@@ -33,9 +33,10 @@ from .arguments import (
     ModelArguments,
     PeftSettings,
     parse_train_args,
+    train_args_from_dict,
 )
 from .loading import load_trained
-from .runner import execute, main, prepare_run, results_table
+from .runner import Plan, evaluate_split, execute, main, prepare_run, results_table
 
 
 __all__ = [
@@ -46,10 +47,13 @@ __all__ = [
     "MethodArguments",
     "ModelArguments",
     "PeftSettings",
+    "Plan",
+    "evaluate_split",
     "execute",
     "load_trained",
     "main",
     "parse_train_args",
     "prepare_run",
     "results_table",
+    "train_args_from_dict",
 ]

@@ -155,6 +155,25 @@ class DataArguments:
         default=0.15,
         metadata={"help": "Share of the training data held out for validation when there is no validation data."},
     )
+    validation_from_train: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Hold out --validation_split_fraction of the training data for validation even when the data brings "
+                "a validation split (which is then not used); e.g. to choose a learning rate on data carved from a "
+                "small training set. Not with --validation_dir / --validation_annotations."
+            )
+        },
+    )
+    data_split_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Seed of the held-out validation split, of --max_*_samples' subsets and of the embedded scenes "
+                "(default: --seed). Fix it to train several seeds on the same split."
+            )
+        },
+    )
     max_train_samples: int | None = field(
         default=None,
         metadata={"help": "Use at most this many training images (for the embedded data: how many to render, 80)."},
@@ -380,9 +399,8 @@ def parse_train_args(argv: list[str] | None = None) -> ParsedArguments:
     """Parse ``peft-vision train``'s arguments: flags, or a ``.json`` settings file followed by optional flags that
     override its values. Raises :class:`UsageError` for a bad command line (unknown flag, bad value, unknown key in the
     settings file, missing ``--model_name_or_path``, ``--method`` or ``--output_dir``)."""
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    given: set[str] = set()
+    settings = None
     if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
         path, argv = argv[0], argv[1:]
         if not os.path.isfile(path):
@@ -392,16 +410,27 @@ def parse_train_args(argv: list[str] | None = None) -> ParsedArguments:
                 settings = json.load(handle)
         except (OSError, ValueError) as exc:
             raise UsageError(f"settings file {path!r} is not readable JSON ({' '.join(str(exc).split())}).") from None
+        return _parse(settings, argv, f"settings file {path!r}")
+    return _parse(None, argv, "")
+
+
+def train_args_from_dict(settings: dict[str, Any], argv: list[str] | tuple[str, ...] = ()) -> ParsedArguments:
+    """:func:`parse_train_args` of a settings dict (the contents of a ``.json`` settings file; values as Python
+    objects), then ``argv`` flags overriding it. For programs that run ``peft-vision train`` in-process, such as the
+    recipes (:mod:`peft_vision_ext.train.protocol`)."""
+    return _parse(dict(settings), list(argv), "settings")
+
+
+def _parse(settings: dict[str, Any] | None, argv: list[str], source: str) -> ParsedArguments:
+    parser = build_parser()
+    given: set[str] = set()
+    if settings is not None:
         if not isinstance(settings, dict):
-            raise UsageError(
-                f"settings file {path!r} must hold a JSON object of settings, got {type(settings).__name__}."
-            )
+            raise UsageError(f"{source} must hold a JSON object of settings, got {type(settings).__name__}.")
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise UsageError(
-                f"settings file {path!r} has unknown settings {unknown}; see `peft-vision train --help` for the names."
-            )
+            raise UsageError(f"{source} has unknown settings {unknown}; see `peft-vision train --help` for the names.")
         parser.set_defaults(**settings)
         given |= set(settings)
     given |= _flag_names(argv)

@@ -9,6 +9,7 @@ PIL images, read by :mod:`peft_vision_ext.data.folders`), transformed on the fly
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -77,6 +78,13 @@ def check_data_args(data_args) -> None:
     others = [f"--{name}" for name in ("validation_dir", "test_dir", *ANNOTATION_FLAGS) if getattr(data_args, name)]
     if data_args.dataset_name and others:
         raise UsageError(f"`{others[0]}` goes with `--train_dir`; a `--dataset_name` brings its own splits.")
+    if data_args.validation_from_train:
+        given = [f"--{name}" for name in ("validation_dir", "validation_annotations") if getattr(data_args, name)]
+        if given:
+            raise UsageError(
+                f"`--validation_from_train` holds validation data out of the training data; `{given[0]}` gives "
+                "validation data. Drop one of them."
+            )
     fraction = data_args.validation_split_fraction
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise ValueError(
@@ -168,8 +176,18 @@ def _folder_splits(data_args, seed: int):
     )
 
 
+@functools.lru_cache(maxsize=16)
+def embedded_split(collection: str, domain: str, split: str, count: int, size: int, seed: int):
+    """One split of the embedded data, rendered once per process (recipes train many runs on the same scenes; the
+    runner only derives new datasets from it: ``with_transform``, ``select``)."""
+    from ..data import load_rock_dataset, load_rock_instance_dataset
+
+    load = load_rock_dataset if collection == "rocks" else load_rock_instance_dataset
+    return load(domain, split, count, size, seed=seed)
+
+
 def _embedded_splits(data_args, seed: int):
-    from ..data import ROCK_DOMAINS, ROCK_LABELS, load_rock_dataset
+    from ..data import ROCK_DOMAINS, ROCK_LABELS
 
     spec = data_args.dataset_name[len(EMBEDDED_PREFIX) :]
     collection, _, domain = spec.partition("/")
@@ -184,10 +202,18 @@ def _embedded_splits(data_args, seed: int):
         "validation": data_args.max_eval_samples or EMBEDDED_EVAL_SAMPLES,
         "test": data_args.max_eval_samples or EMBEDDED_EVAL_SAMPLES,
     }
-    splits = {split: load_rock_dataset(domain, split, count, size, seed=seed) for split, count in counts.items()}
+    held_out = data_args.validation_from_train
+    if held_out:
+        del counts["validation"]
+    splits = {split: embedded_split("rocks", domain, split, count, size, seed) for split, count in counts.items()}
+    if held_out:
+        argument = f"`--dataset_name` {data_args.dataset_name!r}"
+        splits["train"], splits["validation"] = hold_out(
+            splits["train"], data_args.validation_split_fraction, seed, argument
+        )
     scans = {}
     for split, dataset in splits.items():
-        argument = f"`--dataset_name` {data_args.dataset_name!r} ({split})"
+        argument = f"`--dataset_name` {data_args.dataset_name!r} ({split}{', held out' if split == 'validation' and held_out else ''})"
         scans[argument] = _scan(dataset, argument, decode_images=False)
     return SemanticSplits(
         splits["train"],
@@ -196,6 +222,7 @@ def _embedded_splits(data_args, seed: int):
         f"peft-vision-ext rocks ({domain})",
         scans,
         dict(ROCK_LABELS),
+        validation_held_out=held_out,
     )
 
 
@@ -267,6 +294,9 @@ def _dataset_splits(data_args, model_args, seed: int):
             mapping = {data_args.image_column: "image", data_args.label_column: "label"}
             found = found.rename_columns({old: new for old, new in mapping.items() if old != new})
             splits[split] = found
+    if data_args.validation_from_train and "validation" in splits:
+        logger.info("--validation_from_train: the validation split of %r is not used.", name)
+        del splits["validation"]
     held_out = "validation" not in splits
     if held_out:
         splits["train"], splits["validation"] = hold_out(

@@ -23,6 +23,7 @@ from .data import (
     EMBEDDED_PREFIX,
     EMBEDDED_TRAIN_SAMPLES,
     check_data_args,
+    embedded_split,
     hold_out,
     subset,
 )
@@ -140,7 +141,7 @@ def _coco_splits(data_args, seed: int) -> InstanceSplits:
 
 
 def _embedded_splits(data_args, seed: int) -> InstanceSplits:
-    from ..data import ROCK_DOMAINS, ROCK_INSTANCE_LABELS, load_rock_instance_dataset
+    from ..data import ROCK_DOMAINS, ROCK_INSTANCE_LABELS
 
     spec = data_args.dataset_name[len(EMBEDDED_PREFIX) :]
     collection, _, domain = spec.partition("/")
@@ -155,9 +156,17 @@ def _embedded_splits(data_args, seed: int) -> InstanceSplits:
         "validation": data_args.max_eval_samples or EMBEDDED_EVAL_SAMPLES,
         "test": data_args.max_eval_samples or EMBEDDED_EVAL_SAMPLES,
     }
+    held_out = data_args.validation_from_train
+    if held_out:
+        del counts["validation"]
     splits = {
-        split: load_rock_instance_dataset(domain, split, count, size, seed=seed) for split, count in counts.items()
+        split: embedded_split("rock_instances", domain, split, count, size, seed) for split, count in counts.items()
     }
+    if held_out:
+        argument = f"`--dataset_name` {data_args.dataset_name!r}"
+        splits["train"], splits["validation"] = hold_out(
+            splits["train"], data_args.validation_split_fraction, seed, argument
+        )
     out = InstanceSplits(
         splits["train"],
         splits["validation"],
@@ -166,6 +175,7 @@ def _embedded_splits(data_args, seed: int) -> InstanceSplits:
         dict(ROCK_INSTANCE_LABELS),
         "the dataset",
         max_side=size,
+        validation_held_out=held_out,
     )
     out.instances = {split: sum(len(c) for c in dataset["instance_classes"]) for split, dataset in splits.items()}
     return out

@@ -234,11 +234,12 @@ def prepare_run(args: ParsedArguments) -> Plan:
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"--method {method}: {exc}") from exc
 
+    data_seed = args.data.data_split_seed if args.data.data_split_seed is not None else training_args.seed
     if args.data.task == "semantic":
-        data = load_semantic_splits(args.data, args.model, training_args.seed)
+        data = load_semantic_splits(args.data, args.model, data_seed)
         id2label, origin = resolve_id2label(args.data, data, info.config)
     else:
-        data = load_instance_splits(args.data, training_args.seed)
+        data = load_instance_splits(args.data, data_seed)
         id2label, origin = data.id2label, data.id2label_origin
     image_size = args.data.image_size or default_image_size(info.family, info.config, data)
 
@@ -350,8 +351,9 @@ def _mask_ap(model, loader, plan: Plan, gather=None) -> dict[str, Any]:
     return evaluate_instance_segmentation(model, loader, plan.id2label, gather=gather)
 
 
-def _metrics_of(model, dataset, plan: Plan) -> dict[str, Any]:
-    """The split's metrics in one process, without Trainer (and without loss): semantic ones from
+def evaluate_split(model, dataset, plan: Plan) -> dict[str, Any]:
+    """A split's metrics (``plan.eval_datasets[split]``, transformed as evaluation does) in one process, without
+    Trainer (and without loss): semantic ones from
     :func:`~peft_vision_ext.adaptation.evaluate_segmentation`, mask AP from
     :func:`~peft_vision_ext.metrics.evaluate_instance_segmentation`."""
     from torch.utils.data import DataLoader
@@ -562,7 +564,7 @@ def _rank(model, plan: Plan) -> dict[str, Any]:
     exported = export_adapters(model, directory, keep, overwrite=True)
     device = next(model.parameters()).device
     reloaded = PeftModel.from_pretrained(_load_base_for_reuse(plan), directory).to(device).eval()
-    metrics = _metrics_of(reloaded, plan.eval_datasets["validation"], plan)
+    metrics = evaluate_split(reloaded, plan.eval_datasets["validation"], plan)
     del reloaded
     return {
         "directory": directory,
@@ -602,7 +604,7 @@ def _merge(model, plan: Plan) -> dict[str, Any]:
         return {"merged": False}
     after = _output_tensor(merged(pixel_values=probe))
     difference = (after - before).abs().max().item()
-    metrics = _metrics_of(merged, plan.eval_datasets["validation"], plan)
+    metrics = evaluate_split(merged, plan.eval_datasets["validation"], plan)
     directory = os.path.join(plan.output_dir, MERGED_DIR)
     with atomic_directory(directory, overwrite=True) as temporary:
         plan.processor.save_pretrained(temporary)  # first: the model keeps a usable processor it finds there
