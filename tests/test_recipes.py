@@ -16,6 +16,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft, as a user's script does)
+from peft_vision_ext.models import UNetForSemanticSegmentation
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +24,7 @@ RECIPE = os.path.join(ROOT, "recipes", "space_rocks")
 
 
 def test_space_rocks_quick(tmp_path):
+    """The recipe as a protocol over `peft-vision train`: rates chosen on validation, every run's outputs saved."""
     sys.path.insert(0, RECIPE)
     try:
         import run_space_rocks
@@ -37,21 +39,27 @@ def test_space_rocks_quick(tmp_path):
         "conv adapters (BN + 1x1 conv)",
         "BN-only adapters",
         "top 66%",
+        "Learning-rate selection",
     ):
         assert row in table
     mars = results["targets"]["mars"]
-    assert set(mars["methods"]) == {"no adaptation", "full", "decoder", "conv_adapter", "bn_adapter"}
-    fusion = mars["fusion"]
-    assert fusion["flops"] == fusion["base_flops"]
-    assert fusion["max_relative_logit_difference"] < 1e-5
-    assert fusion["parameters"] - fusion["base_parameters"] > 0  # created biases only
-    assert mars["ranked"]["z@0.66"]["update_bytes"] < mars["methods"]["conv_adapter"]["update_bytes"]
-    # the saved adapter directories are standard peft directories with a model card carrying the metrics
-    card = (tmp_path / "mars" / "conv_adapter" / "README.md").read_text()
-    assert "balanced_accuracy" in card and "model-index" in card
-    # written through temporary siblings: none is left, and the card names the adapter, not its temporary folder
-    assert "name: conv_adapter" in card and ".tmp-" not in card
-    assert (tmp_path / "mars" / "conv_adapter" / "preprocessor_config.json").is_file()
+    assert set(mars) == {"no adaptation", "full", "decoder", "conv_adapter", "bn_adapter"}
+    conv = mars["conv_adapter"]
+    assert set(conv["selection"]["scores"]) == {"0.001", "0.003"} and conv["learning_rate"] in (1e-3, 3e-3)
+    assert conv["selection"]["validation_samples"] == 2 and conv["selection"]["train_samples"] == 8
+    fusion = conv["extras"]["fusion"]
+    assert fusion["flops"]["mean"] == fusion["base_flops"]["mean"]
+    assert max(fusion["max_relative_logit_difference"]["values"]) < 1e-5
+    assert fusion["parameters"]["mean"] - fusion["base_parameters"]["mean"] > 0  # created biases only
+    assert conv["extras"]["ranked"]["z@0.66"]["update_bytes"]["mean"] < conv["extras"]["update_bytes"]["mean"]
+    # each chosen run is a `peft-vision train` output: a peft adapter directory with card and image processor, and the
+    # fused model beside it
+    run = tmp_path / "mars" / "conv_adapter" / f"lr{conv['learning_rate']:g}-seed42"
+    card = (run / "README.md").read_text()
+    assert "mean_iou" in card and "model-index" in card and ".tmp-" not in card
+    assert (run / "preprocessor_config.json").is_file() and (run / "fused" / "config.json").is_file()
+    reloaded = PeftModel.from_pretrained(UNetForSemanticSegmentation.from_pretrained(tmp_path / "source_model"), run)
+    assert isinstance(reloaded, PeftModel)
     assert not [name for _, dirs, files in os.walk(tmp_path) for name in dirs + files if ".tmp-" in name]
 
 
@@ -111,8 +119,9 @@ def test_make_demo_reruns_over_its_own_outputs(tmp_path, capsys):
     (used / "results.md").write_text("an older run")
     copy = tmp_path / "settings.json"
     copy.write_text(json.dumps({**settings, "output_dir": str(used)}))
-    model_args, _, _, training_args = recipe.parse_args([str(copy), *flags])
-    assert training_args.output_dir == str(used) and model_args.encoder_name == settings["encoder_name"]
+    args, protocol_args, training_args = recipe.parse_args([str(copy), *flags])
+    assert training_args.output_dir == str(used) and args.encoder_name == settings["encoder_name"]
+    assert protocol_args.seeds == settings["seeds"] == 3 and protocol_args.learning_rates == settings["learning_rates"]
     with pytest.raises(SystemExit):
         recipe.parse_args([str(copy)])
     assert "already exists and is not empty" in capsys.readouterr().err
