@@ -1,25 +1,29 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""Adaptation baselines and measurement helpers shared by the recipes, the CLI and the benchmarks.
+"""Adaptation baselines (each seed's comparison of methods) shared by the recipes, the CLI and the benchmarks.
 
 Seed 000 compares full fine-tuning, decoder-only tuning, conv adapters and BN-only adapters on the same pretrained
 U-Net (:func:`prepare_for_adaptation`); seed 002 compares MoPEFT and its sub-methods on SAM
 (:func:`prepare_sam_for_adaptation`); seed 001 compares sequential adapters and deformable LoRA on Mask2Former
 (:func:`prepare_mask2former_for_adaptation`). Each builds every method of its comparison, so that recipes stay thin.
+What the methods cost and achieve is measured in :mod:`peft_vision_ext.analysis.measure`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-from peft import PeftModel, get_peft_model
-from safetensors.torch import save as safetensors_bytes
+from peft import get_peft_model
 from torch import nn
-from torch.utils.data import DataLoader
 
-from .metrics import ConfusionMatrix, metrics_from_confusion
+from .analysis.measure import (  # noqa: F401  (re-exported for older imports)
+    base_parameter_count,
+    count_flops,
+    count_parameters,
+    evaluate_segmentation,
+    percent,
+    set_fold_in_eval,
+    update_size_bytes,
+)
 from .tuners.conv_adapter import ConvAdapterConfig, protect_frozen_batchnorm
 from .tuners.deform_lora import DeformableLoRAConfig
 from .tuners.mopeft import MOPEFT_PRESETS, MoPEFTConfig
@@ -178,106 +182,3 @@ def mask2former_method_settings(method: str, *, adapter_dim: int, r: int, adapte
     if method == "deform_lora+seq_adapter":
         return {"r": r, "adapter_dim": adapter_dim, "adapters_per_block": adapters_per_block}
     return {}
-
-
-def set_fold_in_eval(model: nn.Module, enabled: bool) -> None:
-    """Switch the eval-mode kernel folding of every conv adapter layer (``False``: compute the branches)."""
-    from .tuners.conv_adapter import ConvAdapterLayer
-
-    for module in model.modules():
-        if isinstance(module, ConvAdapterLayer):
-            module.fold_in_eval = enabled
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
-    return trainable, total
-
-
-def base_parameter_count(model: nn.Module) -> int:
-    """Parameters of the model without any adapter: what ``trainable %`` is relative to."""
-    if isinstance(model, PeftModel):
-        _, total = model.get_nb_trainable_parameters()
-        # Remove the adapters and the trained copies of modules_to_save (the originals stay in the count).
-        prefix = model.base_model.prefix  # every tuner names its adapter weights with its own prefix
-        adapters = sum(p.numel() for n, p in model.named_parameters() if prefix in n)
-        modules_to_save = sum(p.numel() for n, p in model.named_parameters() if ".modules_to_save." in n)
-        return total - adapters - modules_to_save
-    return count_parameters(model)[1]
-
-
-def update_size_bytes(model: nn.Module) -> int:
-    """Bytes of the update a deployed model must receive, as one safetensors file.
-
-    For a ``PeftModel``: the adapter file ``save_pretrained`` writes. Otherwise: every tensor of the state dict that
-    training changes (all of them for full fine-tuning; the trainable modules with their buffers for partial tuning).
-    """
-    if isinstance(model, PeftModel):
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(model)
-    else:
-        trainable_modules = {
-            name for name, module in model.named_modules() if any(p.requires_grad for p in module.parameters(False))
-        }
-        state = {
-            key: value for key, value in model.state_dict().items() if key.rpartition(".")[0] in trainable_modules
-        }
-    state = {key: value.contiguous() for key, value in state.items()}
-    return len(safetensors_bytes(state, metadata={"format": "pt"}))
-
-
-@torch.no_grad()
-def evaluate_segmentation(
-    model: nn.Module,
-    dataset: Iterable[dict[str, torch.Tensor]],
-    num_labels: int,
-    *,
-    batch_size: int = 16,
-    ignore_index: int = 255,
-    id2label: dict[int, str] | None = None,
-    collate_fn: Any = None,
-    device: torch.device | str = "cpu",
-) -> dict[str, Any]:
-    """Streaming mIoU / per-class IoU / balanced accuracy of ``model`` on ``dataset`` (eval mode, no gradients)."""
-    from .data import collate_segmentation
-
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or collate_segmentation)
-    confusion = ConfusionMatrix(num_labels, ignore_index=ignore_index)
-    for batch in loader:
-        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-        labels = batch["labels"]
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = torch.nn.functional.interpolate(
-                logits, size=labels.shape[-2:], mode="bilinear", align_corners=False
-            )
-        confusion.update(logits.argmax(dim=1).cpu(), labels)
-    model.train(was_training)
-    return metrics_from_confusion(confusion.compute(), id2label=id2label)
-
-
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Forward FLOPs of ``model`` for one input of ``input_shape`` (torch's FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(pixel_values=torch.zeros(input_shape, device=device))
-    model.train(was_training)
-    return int(counter.get_total_flops())
-
-
-def percent(part: float, whole: float) -> float:
-    return 100.0 * part / whole if whole else math.nan

@@ -1,5 +1,6 @@
 # Copyright 2026 The peft-vision-ext authors. Licensed under the Apache License, Version 2.0.
-"""The adaptation baselines and measurement helpers that recipes rely on."""
+"""The adaptation baselines (``adaptation.py``) and measurement helpers (``analysis/measure.py``) that recipes rely
+on."""
 
 from __future__ import annotations
 
@@ -7,12 +8,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peft_vision_ext.adaptation import (
-    base_parameter_count,
-    count_parameters,
-    prepare_for_adaptation,
-    update_size_bytes,
-)
+from peft_vision_ext.adaptation import prepare_for_adaptation
+from peft_vision_ext.analysis import base_parameter_count, count_parameters, update_size_bytes
 
 from tiny_models import make_unet
 
@@ -108,3 +105,12 @@ def test_mask2former_adaptation_bad_input():
         prepare_mask2former_for_adaptation(make_mask2former(), "deform_lora", adapters_per_block=2)
     with pytest.raises(TypeError, match="not a Mask2FormerForUniversalSegmentation"):
         prepare_mask2former_for_adaptation(make_unet("test_resnet"), "decoder")
+
+
+def test_measurement_helpers_are_still_importable_from_adaptation():
+    """Older code imports the measurement helpers from ``adaptation``; they are the ones of ``analysis.measure``."""
+    from peft_vision_ext import adaptation
+    from peft_vision_ext.analysis import measure
+
+    for name in measure.__all__:
+        assert getattr(adaptation, name) is getattr(measure, name), name

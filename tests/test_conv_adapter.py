@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_vision_ext import ConvAdapterConfig
-from peft_vision_ext.adaptation import count_flops, set_fold_in_eval
+from peft_vision_ext.analysis import count_flops, set_fold_in_eval
 from peft_vision_ext.models import UNetForSemanticSegmentation
 from peft_vision_ext.tuners.conv_adapter import ConvAdapterLayer, fusion_blockers
 

@@ -338,6 +338,32 @@ def test_tuners_and_bottom_modules_do_not_import_higher_layers():
     assert not offenders, offenders
 
 
+def _package_files(subpackage: str) -> list[str]:
+    return [
+        os.path.join(root, name)
+        for root, _, files in os.walk(os.path.join(PACKAGE, subpackage))
+        for name in files
+        if name.endswith(".py")
+    ]
+
+
+def test_analysis_and_train_do_not_import_higher_layers():
+    """tuners -> analysis -> train -> recipes: analysis (measurement, ranking, gates) uses neither the training code
+    nor the method presets of ``adaptation``; train does not use the recipes' ``recipe_utils``."""
+    rules = {
+        "analysis": ("peft_vision_ext.train", "peft_vision_ext.adaptation", "peft_vision_ext.recipe_utils"),
+        "train": ("peft_vision_ext.recipe_utils",),
+    }
+    offenders = [
+        (path, m)
+        for subpackage, higher in rules.items()
+        for path in _package_files(subpackage)
+        for m in _imports(path)
+        if m.startswith(higher)
+    ]
+    assert not offenders, offenders
+
+
 def test_misspelt_modules_to_save_is_refused_with_close_matches():
     with pytest.raises(ValueError, match=r"'mask_decodr' \(did you mean 'mask_decoder'"):
         get_peft_model(make_sam(), MoPEFTConfig(modules_to_save=["mask_decodr"]))

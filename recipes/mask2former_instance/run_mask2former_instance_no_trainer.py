@@ -25,12 +25,10 @@ from transformers import Mask2FormerForUniversalSegmentation
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
 from peft_vision_ext.adaptation import (
     MASK2FORMER_ADAPTATION_METHODS,
-    base_parameter_count,
-    count_parameters,
     mask2former_method_settings,
-    percent,
     prepare_mask2former_for_adaptation,
 )
+from peft_vision_ext.analysis import base_parameter_count, count_parameters, percent
 from peft_vision_ext.data import (
     ROCK_DOMAINS,
     ROCK_INSTANCE_LABELS,
@@ -40,7 +38,7 @@ from peft_vision_ext.data import (
 )
 from peft_vision_ext.metrics import evaluate_instance_segmentation
 from peft_vision_ext.models import small_mask2former_config
-from peft_vision_ext.recipe_utils import (
+from peft_vision_ext.train.no_trainer import (
     accelerate_train,
     add_accelerate_arguments,
     finish_accelerate_run,

@@ -19,8 +19,8 @@ import os
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
-from peft_vision_ext.adaptation import SAM_ADAPTATION_METHODS, count_parameters, prepare_sam_for_adaptation
-from peft_vision_ext.analysis import collect_gate_statistics
+from peft_vision_ext.adaptation import SAM_ADAPTATION_METHODS, prepare_sam_for_adaptation
+from peft_vision_ext.analysis import collect_gate_statistics, count_parameters
 from peft_vision_ext.data import (
     ROCK_DOMAINS,
     ROCK_LABELS,
@@ -29,7 +29,7 @@ from peft_vision_ext.data import (
     load_rock_dataset,
 )
 from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
-from peft_vision_ext.recipe_utils import (
+from peft_vision_ext.train.no_trainer import (
     accelerate_evaluate_segmentation,
     accelerate_train,
     add_accelerate_arguments,

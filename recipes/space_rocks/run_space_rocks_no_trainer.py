@@ -17,10 +17,11 @@ import os
 from accelerate.utils import set_seed
 
 import peft_vision_ext  # noqa: F401  (registers the methods with peft)
-from peft_vision_ext.adaptation import ADAPTATION_METHODS, count_parameters, prepare_for_adaptation
+from peft_vision_ext.adaptation import ADAPTATION_METHODS, prepare_for_adaptation
+from peft_vision_ext.analysis import count_parameters
 from peft_vision_ext.data import ROCK_LABELS, SegmentationTransform, collate_segmentation, load_rock_dataset
 from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
-from peft_vision_ext.recipe_utils import (
+from peft_vision_ext.train.no_trainer import (
     accelerate_evaluate_segmentation,
     accelerate_train,
     add_accelerate_arguments,
