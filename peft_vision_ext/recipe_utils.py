@@ -21,7 +21,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from ._files import atomic_directory, atomic_write_text  # noqa: F401  (the Trainer recipes import them from here)
-from .train.no_trainer import _OVERWRITE_HELP, OVERWRITE_OUTPUT_DIR, check_recipe_output_dir
+from .train.protocol import _OVERWRITE_HELP, OVERWRITE_OUTPUT_DIR, check_recipe_output_dir
 
 
 def parse_recipe_args(

@@ -3,9 +3,9 @@
 (``run_semantic_segmentation_no_trainer.py``): the flags every twin shares, the run's start and end, a training loop,
 a distributed evaluation, and saving from the main process.
 
-A twin refuses a non-empty ``--output_dir`` unless ``--overwrite_output_dir`` is given
-(:func:`check_recipe_output_dir`, which the Trainer recipes' argument parsing in :mod:`peft_vision_ext.recipe_utils`
-shares); everything it writes is replaced in one step (temporary file or folder and rename)."""
+A twin refuses a non-empty ``--output_dir`` unless ``--overwrite_output_dir`` is given (the check of the Trainer
+recipes, :func:`peft_vision_ext.train.protocol.check_recipe_output_dir`); everything it writes is replaced in one step
+(temporary file or folder and rename)."""
 
 from __future__ import annotations
 
@@ -19,26 +19,9 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from .._files import atomic_directory, atomic_file, atomic_write_text, check_output_dir
+from .._files import atomic_directory, atomic_file, atomic_write_text
 from ..models import save_image_processor
-
-
-OVERWRITE_OUTPUT_DIR = "--overwrite_output_dir"
-_OVERWRITE_HELP = (
-    "Write into a non-empty --output_dir: the files and model folders this run writes replace those there; other "
-    "files are left alone. Without it a non-empty --output_dir is refused."
-)
-
-
-def check_recipe_output_dir(parser: argparse.ArgumentParser, output_dir: str, overwrite: bool) -> None:
-    """Refuse (``parser.error``: one message, exit status 2, before any work) an ``--output_dir`` that is a file, lies
-    below a file, or is a non-empty directory while ``overwrite`` (``--overwrite_output_dir``) is false."""
-    try:
-        check_output_dir(
-            output_dir, overwrite=overwrite, argument="`--output_dir`", overwrite_hint=f"`{OVERWRITE_OUTPUT_DIR}`"
-        )
-    except (ValueError, FileExistsError) as exc:
-        parser.error(str(exc))
+from .protocol import _OVERWRITE_HELP, OVERWRITE_OUTPUT_DIR, check_recipe_output_dir
 
 
 def accelerate_train(
