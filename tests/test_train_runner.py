@@ -417,7 +417,7 @@ def test_outputs_reload_in_a_fresh_process(ws, unet_conv, sam_lora, m2f_lora):
         import peft_vision_ext
         from peft import PeftModel
         from transformers import AutoModelForSemanticSegmentation
-        from peft_vision_ext.adaptation import evaluate_segmentation
+        from peft_vision_ext.analysis import evaluate_segmentation
         from peft_vision_ext.data import collate_segmentation
         from peft_vision_ext.data.fixed_size import FixedSizeSegmentationTransform
         from peft_vision_ext.data.folders import find_image_mask_pairs

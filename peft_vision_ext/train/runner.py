@@ -211,7 +211,7 @@ def prepare_run(args: ParsedArguments) -> Plan:
     naming the argument; nothing is written."""
     from transformers import set_seed
 
-    from ..adaptation import base_parameter_count, count_parameters
+    from ..analysis import base_parameter_count, count_parameters
     from ..data.fixed_size import FixedSizeInstanceTransform, FixedSizeSegmentationTransform
 
     training_args = args.training
@@ -358,7 +358,7 @@ def evaluate_split(model, dataset, plan: Plan) -> dict[str, Any]:
     :func:`~peft_vision_ext.metrics.evaluate_instance_segmentation`."""
     from torch.utils.data import DataLoader
 
-    from ..adaptation import evaluate_segmentation
+    from ..analysis import evaluate_segmentation
     from ..data import collate_instance_segmentation
 
     batch_size = plan.args.training.per_device_eval_batch_size
