@@ -10,6 +10,11 @@
     peft-vision export out/adapter --keep-fraction 0.66 --out out/update # ship only those
     peft-vision fuse   --base out/base --adapter out/update --out out/fused   # on board: fold into the convs
 
+``write-rocks`` writes the embedded rock scenes as a folder dataset (train/, validation/, test/ with images/ and
+palette-PNG masks/, and id2label.json), to try ``train`` on folders before your own::
+
+    peft-vision write-rocks data/rocks --domain mars     # then: peft-vision train --train_dir data/rocks/train ...
+
 ``--base`` is a directory written by ``save_pretrained`` (or a Hub id, with network access) of a model that
 ``transformers.AutoModelForSemanticSegmentation`` can load; peft_vision_ext's U-Net is registered with it.
 
@@ -97,6 +102,8 @@ def _check_base(path: str) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every argument checked before any model is loaded or anything is written."""
+    if args.command == "write-rocks":
+        return _check_write_rocks(args)
     if args.command == "export":
         if args.keep_fraction is not None and not (math.isfinite(args.keep_fraction) and 0 < args.keep_fraction <= 1):
             raise ValueError(
@@ -201,6 +208,63 @@ def _fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+_WRITE_ROCKS_FLAGS = {
+    "domain": "`--domain`",
+    "image_format": "`--format`",
+    "train": "`--train`",
+    "validation": "`--validation`",
+    "test": "`--test`",
+    "image_size": "`--image_size`",
+    "seed": "`--seed`",
+}
+
+
+def _check_write_rocks(args: argparse.Namespace) -> None:
+    from .data.rock_folders import check_rock_folder_arguments
+
+    counts = {"train": args.train, "validation": args.validation, "test": args.test}
+    check_rock_folder_arguments(args.domain, counts, args.image_size, args.seed, args.format, _WRITE_ROCKS_FLAGS)
+    check_output_dir(args.out_dir, overwrite=args.overwrite, argument="`OUT_DIR`", overwrite_hint="`--overwrite`")
+
+
+def _write_rocks(args: argparse.Namespace) -> int:
+    from .data.rock_folders import write_rock_folders
+
+    written = write_rock_folders(
+        args.out_dir,
+        args.domain,
+        train=args.train,
+        validation=args.validation,
+        test=args.test,
+        image_size=args.image_size,
+        seed=args.seed,
+        image_format=args.format,
+        instances=args.instances,
+        overwrite=args.overwrite,
+        argument="`OUT_DIR`",
+        overwrite_hint="`--overwrite`",
+    )
+    size = f"{written.image_size}x{written.image_size}"
+    for split, count in written.counts.items():
+        print(
+            f"{split}: {count} image{'s' if count != 1 else ''} + palette masks ({written.domain}, {size} {written.image_format.upper()}, "
+            f"seed {args.seed}) -> {written.split_dir(split)}"
+        )
+    classes = ", ".join(f"{class_id} {name}" for class_id, name in written.id2label.items())
+    print(f"classes: {classes} -> {written.id2label_file}")
+    for split, coco in written.instances.items():
+        rocks = ", ".join(f"{count} {name}" for name, count in coco.per_class.items())
+        empty = f" ({coco.empty} without a rock left out)" if coco.empty else ""
+        print(
+            f"instances {split}: {coco.images} images{empty}, {rocks} (COCO RLE) -> "
+            f"{os.path.join(written.instance_dir(split), 'annotations.json')}"
+        )
+    print(f"train on it: {written.train_command()}")
+    if written.instances:
+        print(f"instance segmentation: {written.train_command('instance')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peft-vision", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +303,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument("--overwrite", action="store_true", help=overwrite_help)
     fuse.set_defaults(func=_fuse)
+
+    write_rocks = sub.add_parser(
+        "write-rocks",
+        help="write the embedded rock scenes as a folder dataset for `peft-vision train --train_dir`",
+        description=(
+            "Render rock scenes of one domain into OUT_DIR/{train,validation,test}/{images,masks} (masks: palette "
+            "PNGs, palette index = class id) and OUT_DIR/id2label.json, the layout `peft-vision train --train_dir` "
+            "reads; the scenes are those of --dataset_name embedded:rocks/<domain> with the same size and seed."
+        ),
+    )
+    write_rocks.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (new, or empty; see --overwrite)")
+    write_rocks.add_argument(
+        "--domain",
+        required=True,
+        metavar="DOMAIN",
+        help="rock domain: source, moon-real, mars, moon-highsun or moon-boulders",
+    )
+    write_rocks.add_argument("--train", type=int, default=64, metavar="N", help="training images (default: 64)")
+    write_rocks.add_argument(
+        "--validation",
+        type=int,
+        default=16,
+        metavar="N",
+        help="validation images (default: 16; 0: none, `peft-vision train` then holds some training images out)",
+    )
+    write_rocks.add_argument("--test", type=int, default=32, metavar="N", help="test images (default: 32; 0: none)")
+    write_rocks.add_argument(
+        "--image_size",
+        "--image-size",
+        type=int,
+        default=128,
+        metavar="PIXELS",
+        help="side of the square images (32-4096; default: 128)",
+    )
+    write_rocks.add_argument("--seed", type=int, default=0, metavar="N", help="scene seed (default: 0)")
+    write_rocks.add_argument(
+        "--format", default="png", metavar="{png,jpeg}", help="image file format (default: png); masks are always PNG"
+    )
+    write_rocks.add_argument(
+        "--instances",
+        action="store_true",
+        help="also write instance scenes with COCO annotations to OUT_DIR/instances/<split>/ (for --task instance)",
+    )
+    write_rocks.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR (all of it) if it exists and is not empty"
+    )
+    write_rocks.set_defaults(func=_write_rocks)
     return parser
 
 

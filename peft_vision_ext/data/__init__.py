@@ -2,11 +2,13 @@
 
 See :mod:`peft_vision_ext.data.rocks` for the rock-field domains (synthetic Moon source, real-looking Moon, Mars,
 high-sun Moon), :mod:`peft_vision_ext.data.rock_instances` for the same scenes with per-rock masks and
-classes, and :mod:`peft_vision_ext.data.transforms` for tensor conversion and collation.
+classes, :mod:`peft_vision_ext.data.transforms` for tensor conversion and collation, and
+:mod:`peft_vision_ext.data.rock_folders` to write the scenes to disk as a folder dataset (``peft-vision write-rocks``).
 """
 
 from __future__ import annotations
 
+from .rock_folders import write_rock_folders
 from .rock_instances import (
     BOULDER_RADIUS,
     MAX_INSTANCES,
@@ -48,4 +50,5 @@ __all__ = [
     "load_rock_instance_dataset",
     "render_rock_instances",
     "render_rock_scene",
+    "write_rock_folders",
 ]
