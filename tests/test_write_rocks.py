@@ -96,6 +96,10 @@ def test_semantic_splits_load_with_the_train_data_loader(rocks):
     assert not splits.validation_held_out and splits.max_side == SIZE
     id2label, origin = resolve_id2label(args.data, splits, None)
     assert id2label == ROCK_LABELS and origin == "`--id2label`"
+    # without --id2label the names come from the id2label.json above train/
+    args.data.id2label = None
+    splits = load_semantic_splits(args.data, args.model, seed=0)
+    assert resolve_id2label(args.data, splits, None) == (ROCK_LABELS, "the dataset")
 
 
 def test_printed_command_trains(tmp_path, capsys):

@@ -228,7 +228,7 @@ def _check_image(instances: CocoInstances, row: int) -> tuple[str | None, Any]:
         masks = decode_instance_masks(instances.segmentations[row], height, width)
     except Exception as exc:
         return "mask", f"{name}: {' '.join(str(exc).split())}"
-    return None, (max(height, width), int(masks.reshape(len(masks), -1).any(axis=1).sum()))
+    return None, (max(height, width), int(masks.any(axis=(1, 2)).sum()))  # (N, H, W); N may be 0
 
 
 @dataclass

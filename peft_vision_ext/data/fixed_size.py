@@ -280,7 +280,7 @@ class FixedSizeInstanceTransform(_FixedSize):
             )
         image, resized = self.geometry(image, [mask.astype(np.uint8) for mask in masks], [0] * len(masks))
         stack = np.stack(resized).astype(bool) if resized else np.zeros((0, self.size, self.size), dtype=bool)
-        keep = stack.reshape(len(stack), -1).any(axis=1)
+        keep = stack.any(axis=(1, 2))  # a scene without instances has a (0, size, size) stack
         return (
             self.pixel_values(image),
             torch.from_numpy(stack[keep].astype(np.float32)),

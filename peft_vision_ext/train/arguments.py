@@ -143,8 +143,9 @@ class DataArguments:
         metadata={
             "help": (
                 'Class names: a JSON object {"0": "background", "1": "rock"} or list ["background", "rock"], or the '
-                "path of a .json file holding one. Default: the dataset's id2label.json, else the checkpoint's names "
-                "when they fit, else class_<id> for every id found in the masks."
+                "path of a .json file holding one. Default: the data's id2label.json (in the --dataset_name folder "
+                "or Hub repo; in --train_dir or the folder above it), else the checkpoint's names when they fit, "
+                "else class_<id> for every id found in the masks."
             )
         },
     )
@@ -331,6 +332,17 @@ _OVERWRITE_HELP = (
 )
 
 
+class RunnerTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` whose pickled form (Trainer's ``training_args.bin``, saved beside the model and uploaded
+    by ``--push_to_hub``) holds no Hub token: ``--hub_token`` is used, never written."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if state.get("hub_token"):
+            state["hub_token"] = "<hidden>"
+        return state
+
+
 class UsageError(ValueError):
     """A bad command line; the runner prints it as one ``error:`` line and exits with status 2."""
 
@@ -374,7 +386,7 @@ class ParsedArguments:
 
 def build_parser() -> TrainArgumentParser:
     parser = TrainArgumentParser(
-        (ModelArguments, DataArguments, MethodArguments, PeftSettings, TrainingArguments),
+        (ModelArguments, DataArguments, MethodArguments, PeftSettings, RunnerTrainingArguments),
         prog="peft-vision train",
         description=(
             "Fine-tune a segmentation checkpoint on your images with a PEFT method. Arguments as flags, or a .json "

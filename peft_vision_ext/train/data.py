@@ -172,8 +172,24 @@ def _folder_splits(data_args, seed: int):
         scans[argument] = _scan(splits[split], argument, decode_images=True)
     source = os.path.normpath(data_args.train_dir)
     return SemanticSplits(
-        splits["train"], splits["validation"], splits.get("test"), source, scans, None, validation_held_out=held_out
+        splits["train"],
+        splits["validation"],
+        splits.get("test"),
+        source,
+        scans,
+        _id2label_beside(source),
+        validation_held_out=held_out,
     )
+
+
+def _id2label_beside(train_dir: str) -> dict[int, str] | None:
+    """The class names of a folder dataset: ``id2label.json`` in ``--train_dir`` or in the folder above it (where
+    ``peft-vision write-rocks`` puts it, beside train/, validation/ and test/)."""
+    for folder in (train_dir, os.path.dirname(os.path.abspath(train_dir))):
+        path = os.path.join(folder, "id2label.json")
+        if os.path.isfile(path):
+            return parse_id2label(path, argument=f"{path!r}")
+    return None
 
 
 @functools.lru_cache(maxsize=16)

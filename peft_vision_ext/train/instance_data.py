@@ -195,9 +195,10 @@ def load_instance_splits(data_args, seed: int) -> InstanceSplits:
     else:
         splits = _coco_splits(data_args, seed)
     for split, count in splits.instances.items():
-        if count == 0 and split != "test":
+        if count == 0:
             raise ValueError(
                 f"The {split} data holds no instance with pixels (after --max_*_samples and crowd annotations are "
-                "skipped): there is nothing to learn or to score. Check the annotations."
+                f"skipped): there is nothing to {'learn' if split == 'train' else 'score'}. Check the annotations"
+                f"{', or raise --max_eval_samples' if split != 'train' else ''}."
             )
     return splits

@@ -765,7 +765,7 @@ def execute(plan: Plan, argv: Sequence[str] = ()) -> dict[str, Any]:
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
     try:
-        trainer.save_model(staging)
+        trainer.save_model(staging, _internal_call=True)  # not a push of its own: the finished repo is pushed below
         trainer.accelerator.wait_for_everyone()
         if main_process:
             _write_model_card(staging, plan, validation)
