@@ -736,6 +736,8 @@ def execute(plan: Plan, argv: Sequence[str] = ()) -> dict[str, Any]:
     else:  # the Trainer computes the loss; mask AP needs the post-processed masks (see _evaluate)
         overrides = dict(remove_unused_columns=False, label_names=["mask_labels", "class_labels"])
         task_kwargs = dict(data_collator=collate_instance_segmentation)
+    if "dataloader_pin_memory" not in args.given and not torch.cuda.is_available():
+        overrides["dataloader_pin_memory"] = False  # pinning needs an accelerator; torch warns at every loader
     if "learning_rate" not in args.given:
         overrides["learning_rate"] = DEFAULT_LEARNING_RATES[method]
         logger.info("--learning_rate not given: %g for --method %s", overrides["learning_rate"], method)
