@@ -261,9 +261,11 @@ def plot(rows: dict, domain: str, path: str) -> None:
             (row["update_bytes"]["mean"], row["balanced_accuracy"]["mean"])
         )
     references = {"no adaptation": rows["no adaptation"]["balanced_accuracy"]}
+    references["all conv adapters"] = rows["conv_adapter"]["test"]["balanced_accuracy"]["mean"]
     if "full" in rows:
         references["full fine-tuning"] = rows["full"]["test"]["balanced_accuracy"]["mean"]
-    title = f"Ranked conv adapters, {domain}: balanced accuracy (mean over seeds) vs. update size"
+    seeds = len(rows["conv_adapter"]["seeds"])
+    title = f"Ranked conv adapters on {domain} (mean of {seeds} seed{'s' if seeds > 1 else ''})"
     plot_pareto(curves, path, references=references, title=title)
 
 
