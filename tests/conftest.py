@@ -8,4 +8,5 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(2)
+# One torch thread per worker under `make test` (OMP_NUM_THREADS=1, two xdist workers on two cores); 2 otherwise.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
