@@ -202,15 +202,19 @@ def embedded_split(collection: str, domain: str, split: str, count: int, size: i
     return load(domain, split, count, size, seed=seed)
 
 
-def _embedded_splits(data_args, seed: int):
-    from ..data import ROCK_DOMAINS, ROCK_LABELS
+def embedded_splits(data_args, collection: str, seed: int) -> tuple[str, int, dict[str, Any], bool]:
+    """``--dataset_name embedded:<collection>/<domain>`` (``rocks`` for --task semantic, ``rock_instances`` for
+    instance): its domain, render size, rendered splits and whether validation was held out of train
+    (``--validation_from_train``)."""
+    from ..data import ROCK_DOMAINS
 
     spec = data_args.dataset_name[len(EMBEDDED_PREFIX) :]
-    collection, _, domain = spec.partition("/")
-    if collection != "rocks" or domain not in ROCK_DOMAINS:
+    found, _, domain = spec.partition("/")
+    if found != collection or domain not in ROCK_DOMAINS:
+        task = "semantic" if collection == "rocks" else "instance"
         raise ValueError(
-            f"`--dataset_name` {data_args.dataset_name!r}: the embedded data is 'embedded:rocks/<domain>' for --task "
-            f"semantic, with a domain from {', '.join(ROCK_DOMAINS)}."
+            f"`--dataset_name` {data_args.dataset_name!r}: the embedded data for --task {task} is "
+            f"'embedded:{collection}/<domain>', with a domain from {', '.join(ROCK_DOMAINS)}."
         )
     size = data_args.image_size or EMBEDDED_IMAGE_SIZE
     counts = {
@@ -221,12 +225,19 @@ def _embedded_splits(data_args, seed: int):
     held_out = data_args.validation_from_train
     if held_out:
         del counts["validation"]
-    splits = {split: embedded_split("rocks", domain, split, count, size, seed) for split, count in counts.items()}
+    splits = {split: embedded_split(collection, domain, split, count, size, seed) for split, count in counts.items()}
     if held_out:
         argument = f"`--dataset_name` {data_args.dataset_name!r}"
         splits["train"], splits["validation"] = hold_out(
             splits["train"], data_args.validation_split_fraction, seed, argument
         )
+    return domain, size, splits, held_out
+
+
+def _embedded_splits(data_args, seed: int):
+    from ..data import ROCK_LABELS
+
+    domain, _, splits, held_out = embedded_splits(data_args, "rocks", seed)
     scans = {}
     for split, dataset in splits.items():
         argument = f"`--dataset_name` {data_args.dataset_name!r} ({split}{', held out' if split == 'validation' and held_out else ''})"

@@ -18,12 +18,9 @@ from typing import Any
 from ..data.coco import CocoInstances, read_coco_instances, scan_coco_instances
 from .arguments import UsageError
 from .data import (
-    EMBEDDED_EVAL_SAMPLES,
-    EMBEDDED_IMAGE_SIZE,
     EMBEDDED_PREFIX,
-    EMBEDDED_TRAIN_SAMPLES,
     check_data_args,
-    embedded_split,
+    embedded_splits,
     hold_out,
     subset,
 )
@@ -141,32 +138,9 @@ def _coco_splits(data_args, seed: int) -> InstanceSplits:
 
 
 def _embedded_splits(data_args, seed: int) -> InstanceSplits:
-    from ..data import ROCK_DOMAINS, ROCK_INSTANCE_LABELS
+    from ..data import ROCK_INSTANCE_LABELS
 
-    spec = data_args.dataset_name[len(EMBEDDED_PREFIX) :]
-    collection, _, domain = spec.partition("/")
-    if collection != "rock_instances" or domain not in ROCK_DOMAINS:
-        raise ValueError(
-            f"`--dataset_name` {data_args.dataset_name!r}: the embedded data for --task instance is "
-            f"'embedded:rock_instances/<domain>', with a domain from {', '.join(ROCK_DOMAINS)}."
-        )
-    size = data_args.image_size or EMBEDDED_IMAGE_SIZE
-    counts = {
-        "train": data_args.max_train_samples or EMBEDDED_TRAIN_SAMPLES,
-        "validation": data_args.max_eval_samples or EMBEDDED_EVAL_SAMPLES,
-        "test": data_args.max_eval_samples or EMBEDDED_EVAL_SAMPLES,
-    }
-    held_out = data_args.validation_from_train
-    if held_out:
-        del counts["validation"]
-    splits = {
-        split: embedded_split("rock_instances", domain, split, count, size, seed) for split, count in counts.items()
-    }
-    if held_out:
-        argument = f"`--dataset_name` {data_args.dataset_name!r}"
-        splits["train"], splits["validation"] = hold_out(
-            splits["train"], data_args.validation_split_fraction, seed, argument
-        )
+    domain, size, splits, held_out = embedded_splits(data_args, "rock_instances", seed)
     out = InstanceSplits(
         splits["train"],
         splits["validation"],
