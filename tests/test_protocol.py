@@ -81,6 +81,63 @@ def test_recipe_command_line_refuses_bad_protocol_values_in_one_line(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_recipe_defaults_replace_the_protocol_defaults_for_flags_and_settings_files(tmp_path):
+    defaults = {"learning_rates": [1e-3, 1e-2], "seeds": 2}
+    flags = ["--output_dir", str(tmp_path / "a")]
+    _, (protocol_args, _) = parse_recipe_args(
+        (ProtocolArguments, TrainingArguments), flags, default_output_dir="unused", defaults=defaults
+    )
+    assert protocol_args.learning_rates == [1e-3, 1e-2] and protocol_args.seeds == 2
+    _, (protocol_args, _) = parse_recipe_args(
+        (ProtocolArguments, TrainingArguments), flags + ["--seeds", "4"], default_output_dir="unused", defaults=defaults
+    )
+    assert protocol_args.seeds == 4 and protocol_args.learning_rates == [1e-3, 1e-2]  # a flag still wins
+    settings = tmp_path / "s.json"
+    settings.write_text(json.dumps({"output_dir": str(tmp_path / "b"), "learning_rates": [5e-4]}))
+    _, (protocol_args, _) = parse_recipe_args(
+        (ProtocolArguments, TrainingArguments), [str(settings)], default_output_dir="unused", defaults=defaults
+    )
+    assert protocol_args.learning_rates == [5e-4] and protocol_args.seeds == 2  # the file wins where it says
+    with pytest.raises(ValueError, match="no recipe dataclass has: \\['learning_rate_grid'\\]"):
+        parse_recipe_args(
+            (ProtocolArguments, TrainingArguments), flags, default_output_dir="unused", defaults={"learning_rate_grid": 1}
+        )
+
+
+def test_recipe_settings_file_must_hold_an_object(tmp_path, capsys):
+    settings = tmp_path / "s.json"
+    settings.write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        parse_recipe_args((ProtocolArguments, TrainingArguments), [str(settings)], default_output_dir="unused")
+    assert "must hold a JSON object, got list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["space_rocks", "sam_mopeft", "mask2former_instance"])
+def test_recipe_settings_file_agrees_with_the_recipe_defaults(recipe, tmp_path):
+    """The .json next to each recipe is what `make demo` and the README ran; flags alone must give the same run."""
+    import importlib
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", recipe)
+    sys.path.insert(0, root)
+    try:
+        module = importlib.import_module(f"run_{recipe}")
+    finally:
+        sys.path.remove(root)
+    with open(os.path.join(root, f"{recipe}.json"), encoding="utf-8") as handle:
+        settings = json.load(handle)
+    settings["output_dir"] = str(tmp_path / "file")  # the shipped file's folder may hold a real run
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    from_file = module.parse_args([str(tmp_path / "settings.json")])
+    from_flags = module.parse_args(["--output_dir", str(tmp_path / "flags")])
+    for file_args, flag_args in zip(from_file, from_flags):
+        if isinstance(file_args, TrainingArguments):
+            continue
+        file_values, flag_values = vars(file_args), vars(flag_args)
+        differing = {k: (file_values[k], flag_values[k]) for k in file_values if file_values[k] != flag_values[k]}
+        assert not differing, f"{recipe}.json vs the recipe's defaults (file, flags): {differing}"
+
+
 def test_training_settings_forward_what_the_recipe_changed_only(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path),

@@ -135,16 +135,24 @@ def parse_recipe_args(
     *,
     default_output_dir: str,
     quick: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> tuple[HfArgumentParser, tuple]:
     """Parse a recipe's arguments like the transformers examples: a ``.json`` settings path (optionally followed by
     ``--overwrite_output_dir``, which the file may also set), or command-line flags (``--output_dir`` defaults to
     ``default_output_dir``). When a parsed dataclass has ``quick=True``, every field named in ``quick`` is overridden
-    in every dataclass that has it (``TrainingArguments`` excepted). A non-empty output directory is refused unless
+    in every dataclass that has it (``TrainingArguments`` excepted). ``defaults`` replaces fields' defaults (a recipe's own
+    learning-rate grid, say) for both the flags and a settings file that leaves the field out; a name that no parsed
+    dataclass has is a programming error (``ValueError``). A non-empty output directory is refused unless
     ``--overwrite_output_dir`` is given (:func:`check_recipe_output_dir`); bad values (e.g. of
     :class:`ProtocolArguments`) end in ``parser.error``. Returns the parser and the parsed dataclasses, in order."""
     from transformers import TrainingArguments
 
     parser = HfArgumentParser(tuple(dataclass_types))
+    defaults = dict(defaults or {})
+    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    if set(defaults) - known:
+        raise ValueError(f"`defaults` names fields no recipe dataclass has: {sorted(set(defaults) - known)}")
+    parser.set_defaults(**defaults)
     # transformers 4.x's TrainingArguments has the field itself (5.x dropped it): then it is parsed as such.
     in_dataclass = any(f.name == "overwrite_output_dir" for t in dataclass_types for f in dataclasses.fields(t))
     if not in_dataclass:
@@ -162,6 +170,9 @@ def parse_recipe_args(
                 parser.error(f"settings file {argv[0]!r} does not exist; pass the path of a recipe's .json settings.")
             with open(argv[0], encoding="utf-8") as handle:
                 settings = json.load(handle)
+            if not isinstance(settings, dict):
+                parser.error(f"settings file {argv[0]!r} must hold a JSON object, got {type(settings).__name__}.")
+            settings = {**defaults, **settings}
             if OVERWRITE_OUTPUT_DIR in argv[1:]:
                 settings["overwrite_output_dir"] = True
             overwrite = bool(settings.get("overwrite_output_dir", False))

@@ -90,9 +90,9 @@ class PeftArguments:
     source_model: str | None = field(
         default=None, metadata={"help": "Directory of an already pretrained source Mask2Former: skips step 1."}
     )
-    pretrain_epochs: float = field(default=20, metadata={"help": "Source pretraining epochs."})
+    pretrain_epochs: float = field(default=16, metadata={"help": "Source pretraining epochs."})
     pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "Source pretraining learning rate."})
-    adapt_epochs: float = field(default=6, metadata={"help": "Epochs per adaptation run (every method)."})
+    adapt_epochs: float = field(default=5, metadata={"help": "Epochs per adaptation run (every method)."})
     adapter_dim: int = field(default=16, metadata={"help": "Bottleneck size of the sequential adapters."})
     r: int = field(default=8, metadata={"help": "LoRA rank of the deformable-attention projections."})
     both_adapters_per_block: int = field(
@@ -100,6 +100,9 @@ class PeftArguments:
     )
     quick: bool = field(default=False, metadata={"help": "Tiny run for tests (about a minute)."})
 
+
+# The learning-rate grid every method is tuned over (chosen on validation), and the seeds.
+PROTOCOL_DEFAULTS = {"learning_rates": [1e-3, 3e-3, 1e-2], "seeds": 3}
 
 QUICK = {
     "image_size": 64,
@@ -133,6 +136,7 @@ def parse_args(argv: list[str] | None = None):
         argv,
         default_output_dir="outputs/mask2former_instance",
         quick=QUICK,
+        defaults=PROTOCOL_DEFAULTS,
     )
     unknown = sorted(set(peft_args.methods) - set(METHODS))
     if unknown:

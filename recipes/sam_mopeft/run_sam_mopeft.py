@@ -97,11 +97,11 @@ class PeftArguments:
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "Methods to compare."})
     pretrain_epochs: float = field(default=12, metadata={"help": "Source pretraining epochs."})
     pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "Source pretraining learning rate."})
-    adapt_epochs: float = field(default=10, metadata={"help": "Epochs per adaptation run (every method)."})
+    adapt_epochs: float = field(default=8, metadata={"help": "Epochs per adaptation run (every method)."})
     r: int = field(default=8, metadata={"help": "LoRA rank (seed default 8)."})
     prefix_length: int = field(default=20, metadata={"help": "Prefix length L (seed default 20)."})
     adapter_dim: int = field(default=16, metadata={"help": "Adapter D_mid (seed: 64 for width 768)."})
-    ablation_domains: list[str] = field(default_factory=lambda: ["mars", "moon-boulders"])
+    ablation_domains: list[str] = field(default_factory=lambda: ["mars"])
     ablation_r: list[int] = field(default_factory=lambda: [4, 16])
     ablation_prefix_length: list[int] = field(default_factory=lambda: [5, 10])
     ablation_adapter_dim: list[int] = field(default_factory=lambda: [8, 32])
@@ -110,6 +110,9 @@ class PeftArguments:
     calibration_images: int = field(default=16, metadata={"help": "Training images that calibrate the pruning."})
     quick: bool = field(default=False, metadata={"help": "Tiny run for tests (about a minute)."})
 
+
+# The learning-rate grid every method is tuned over (chosen on validation), and the seeds.
+PROTOCOL_DEFAULTS = {"learning_rates": [1e-3, 3e-3, 1e-2], "seeds": 3}
 
 QUICK = {
     "image_size": 64,
@@ -141,6 +144,7 @@ def parse_args(argv: list[str] | None = None):
         argv,
         default_output_dir="outputs/sam_mopeft",
         quick=QUICK,
+        defaults=PROTOCOL_DEFAULTS,
     )
     unknown = sorted(set(peft_args.methods) - set(METHODS))
     if unknown:
