@@ -2,13 +2,13 @@
 from ..._registry import register_method
 from .config import CONV_ADAPTER, ConvAdapterConfig
 from .layer import Conv2d, ConvAdapterLayer, fusion_blockers
-from .model import (
-    ConvAdapterModel,
-    find_convs,
+from .frozen_bn import (
+    FrozenBatchNormFunction,
     freeze_frozen_batchnorm,
     protect_frozen_batchnorm,
     unprotect_frozen_batchnorm,
 )
+from .model import ConvAdapterModel, find_convs
 
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ConvAdapterConfig",
     "ConvAdapterLayer",
     "ConvAdapterModel",
+    "FrozenBatchNormFunction",
     "find_convs",
     "freeze_frozen_batchnorm",
     "fusion_blockers",

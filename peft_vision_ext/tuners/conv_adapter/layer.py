@@ -46,6 +46,7 @@ from ._autograd import (
     centre_tap_delta,
     fold_kernel,
 )
+from .frozen_bn import PLAIN_BATCHNORM2D, _frozen_batchnorm_pre_hook
 
 
 def fusion_blockers(conv: nn.Module) -> list[str]:
@@ -399,8 +400,6 @@ class Conv2d(nn.Module, ConvAdapterLayer):
         conv, for "conv" adapters): only when nothing hooks them. The one hook we know, the frozen-BN guard of
         `protect_frozen_batchnorm` (on every BatchNorm, adapter BNs included), is applied here as the module call
         would: a train-mode adapter BN whose parameters are all frozen goes to eval mode."""
-        from .model import _frozen_batchnorm_pre_hook  # model.py imports this module
-
         modules: list[nn.Module] = [self.get_base_layer()]
         for name in active:
             modules.append(self.convadapter_bn[name])
@@ -429,7 +428,7 @@ class Conv2d(nn.Module, ConvAdapterLayer):
 
     @staticmethod
     def _plain_batchnorm(bn: nn.Module) -> bool:
-        return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+        return type(bn) in PLAIN_BATCHNORM2D and bn.affine and bn.track_running_stats
 
     @staticmethod
     def _averaging_factor(bn: nn.BatchNorm2d) -> float:

@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from .._common import CheckedTunerMixin, check_auto_targets, is_excluded
 from .config import ConvAdapterConfig
+from .frozen_bn import protect_frozen_batchnorm, unprotect_frozen_batchnorm
 from .layer import Conv2d, ConvAdapterLayer, fusion_blockers
 
 
@@ -39,49 +40,6 @@ def find_convs(model: nn.Module) -> dict[str, nn.Module]:
         elif isinstance(module, nn.Conv2d):
             found[name] = module
     return found
-
-
-def freeze_frozen_batchnorm(model: nn.Module) -> list[str]:
-    """Put every BatchNorm without trainable parameters in eval mode, so that training leaves its statistics alone.
-
-    A frozen BN in train mode normalises with batch statistics and overwrites its running statistics, which peft does
-    not save (peft issue 1732): the trained adapter would silently stop matching the base it is loaded onto.
-    """
-    frozen = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                module.eval()
-                frozen.append(name)
-    return frozen
-
-
-def _frozen_batchnorm_pre_hook(module: nn.Module, args: tuple) -> None:
-    # A frozen BN switched to train mode (model.train(), Trainer) would normalise with batch statistics and overwrite
-    # its running statistics: put it back in eval mode before it runs. It stays a no-op once the BN is made trainable.
-    if module.training and not any(p.requires_grad for p in module.parameters(recurse=False)):
-        module.eval()
-
-
-def protect_frozen_batchnorm(model: nn.Module) -> None:
-    """Keep every frozen BatchNorm of ``model`` in eval mode whenever it runs, whichever entry point adapted the model
-    (``get_peft_model``, ``PeftModel.from_pretrained`` or peft's low-level ``inject_adapter_in_model``, which returns
-    the bare model: no wrapper's ``train()`` is in the way there, so the guard is a forward pre-hook on each BN).
-    Idempotent; ``unprotect_frozen_batchnorm`` removes the hooks (``merge_and_unload``/``unload``)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            if getattr(module, "_peft_vision_bn_guard", None) is None:
-                module._peft_vision_bn_guard = module.register_forward_pre_hook(_frozen_batchnorm_pre_hook)
-    if model.training:
-        freeze_frozen_batchnorm(model)
-
-
-def unprotect_frozen_batchnorm(model: nn.Module) -> None:
-    for module in model.modules():
-        handle = getattr(module, "_peft_vision_bn_guard", None)
-        if handle is not None:
-            handle.remove()
-            del module._peft_vision_bn_guard
 
 
 class ConvAdapterModel(CheckedTunerMixin, BaseTuner):
