@@ -14,8 +14,9 @@ What is measured, per encoder (default ``resnet18`` and ``vgg19_bn``, ``num_labe
   step), per batch size in ``--train-batch-sizes``: ``full_ft`` (plain U-Net, every parameter trainable),
   ``conv_adapter`` (``ConvAdapterConfig(modules_to_save=["segmentation_head"])``; train mode runs the fused autograd
   Function of ``tuners/conv_adapter/_autograd.py``), ``bn_adapter`` (the same with ``adapter_type="bn"``),
-  ``conv_adapter_ckpt`` (conv adapters with the U-Net's gradient checkpointing on), ``lora`` (stock peft LoRA on the
-  same convs, same head) and ``adapter_floor`` (no adapters: the base frozen with its BatchNorms in eval mode, only
+  ``conv_adapter_ckpt`` (conv adapters with the U-Net's gradient checkpointing on), ``conv_adapter_plain_bn`` (conv
+  adapters with the base's frozen BatchNorms run by PyTorch's own class, which keeps their input for backward,
+  instead of ``frozen_bn.py``'s), ``lora`` (stock peft LoRA on the same convs, same head) and ``adapter_floor`` (no adapters: the base frozen with its BatchNorms in eval mode, only
   the first conv's weight and the segmentation head trainable, so that backward still runs through the whole
   network: what a step with adapters that cost nothing would cost).
 * **Stock LoRA**: ``LoraConfig(r=r, lora_alpha=r, lora_dropout=0, target_modules=<the convs the conv adapters
@@ -127,10 +128,23 @@ from timing import (  # noqa: E402  (a sibling module: this script's folder is o
 
 
 INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused", "lora_unfused")
-TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt", "lora", "adapter_floor")
+TRAINING_VARIANTS = (
+    "full_ft",
+    "conv_adapter",
+    "bn_adapter",
+    "conv_adapter_ckpt",
+    "conv_adapter_plain_bn",
+    "lora",
+    "adapter_floor",
+)
 # Per-round ratios between two variants of a group, besides the ratios to the reference.
 INFERENCE_PAIRS = (("unfused", "lora_unfused"),)
-TRAINING_PAIRS = (("conv_adapter", "lora"), ("conv_adapter", "adapter_floor"), ("bn_adapter", "adapter_floor"))
+TRAINING_PAIRS = (
+    ("conv_adapter", "lora"),
+    ("conv_adapter", "adapter_floor"),
+    ("bn_adapter", "adapter_floor"),
+    ("conv_adapter", "conv_adapter_plain_bn"),
+)
 NUM_LABELS = 3
 
 
@@ -199,6 +213,17 @@ def build_floor(base: nn.Module) -> nn.Module:
     return model
 
 
+def plain_frozen_batchnorms(model: nn.Module) -> None:
+    """Give the protected BatchNorms their PyTorch class back, keeping the eval-mode guard: frozen BNs then save their
+    input for backward, as before ``frozen_bn.py``."""
+    from peft_vision_ext.tuners.conv_adapter.frozen_bn import _UNPROTECTED
+
+    for module in model.modules():
+        plain = _UNPROTECTED.get(type(module))
+        if plain is not None:
+            module.__class__ = plain
+
+
 def build_inference_variants(base: nn.Module, device: torch.device, r: int) -> dict[str, nn.Module]:
     """The inference variants; the two unfused ones are copies of one adapter model (fold switched)."""
     unfused = build_peft(base, init_weights=False).eval()
@@ -237,6 +262,9 @@ def build_training_variant(name: str, base: nn.Module, r: int) -> nn.Module:
     elif name == "conv_adapter_ckpt":  # conv adapters with the U-Net's gradient checkpointing (encoder + decoder)
         model = build_peft(base, "conv")
         model.gradient_checkpointing_enable()
+    elif name == "conv_adapter_plain_bn":  # the base's frozen BatchNorms as PyTorch runs them (they keep their input)
+        model = build_peft(base, "conv")
+        plain_frozen_batchnorms(model)
     elif name == "lora":
         model = build_lora(base, r)
     elif name == "adapter_floor":

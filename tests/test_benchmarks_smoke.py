@@ -20,7 +20,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_conv_adapter.py"
 INFERENCE_VARIANTS = ("base", "unfused", "unfused_branch", "fused", "lora_unfused")
-TRAINING_VARIANTS = ("full_ft", "conv_adapter", "bn_adapter", "conv_adapter_ckpt", "lora", "adapter_floor")
+TRAINING_VARIANTS = (
+    "full_ft",
+    "conv_adapter",
+    "bn_adapter",
+    "conv_adapter_ckpt",
+    "conv_adapter_plain_bn",
+    "lora",
+    "adapter_floor",
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +83,15 @@ def test_quick_benchmark_json_shape(quick_results: dict) -> None:
         assert entry["memory"]["peak_bytes"] > 0
     # Adapters train far fewer parameters, so they hold far less AdamW state than full fine-tuning.
     assert training["conv_adapter"]["memory"]["static_bytes"] < training["full_ft"]["memory"]["static_bytes"]
+    # The base's frozen BatchNorms keep no input for backward (frozen_bn.py); PyTorch's own class does.
+    assert training["conv_adapter"]["memory"]["peak_bytes"] < training["conv_adapter_plain_bn"]["memory"]["peak_bytes"]
     # Per-round ratios between variants (conv adapters vs stock LoRA, vs the zero-cost floor).
-    assert set(training["pairs"]) == {"conv_adapter/lora", "conv_adapter/adapter_floor", "bn_adapter/adapter_floor"}
+    assert set(training["pairs"]) == {
+        "conv_adapter/lora",
+        "conv_adapter/adapter_floor",
+        "bn_adapter/adapter_floor",
+        "conv_adapter/conv_adapter_plain_bn",
+    }
     assert set(inference["pairs"]) == {"unfused/lora_unfused"}
     for entry in (*training["pairs"].values(), *inference["pairs"].values()):
         assert len(entry["cpu"]["values"]) == 1 and entry["cpu"]["ratio"]["median"] > 0

@@ -95,7 +95,7 @@ class RecipeArguments:
 
 
 # The learning-rate grid every method is tuned over (chosen on validation), and the seeds.
-PROTOCOL_DEFAULTS = {"learning_rates": [3e-4, 1e-3, 3e-3], "seeds": 3}
+PROTOCOL_DEFAULTS = {"learning_rates": [1e-3, 3e-3, 1e-2], "seeds": 3}
 
 QUICK = {
     "image_size": 64,
