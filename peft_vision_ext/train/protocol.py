@@ -45,7 +45,7 @@ from transformers import HfArgumentParser
 
 from .._files import atomic_directory, atomic_write_text, check_output_dir
 from .arguments import train_args_from_dict
-from .runner import Plan, _json_safe, evaluate_split, execute, prepare_run
+from .runner import Plan, json_safe, evaluate_split, execute, prepare_run
 
 
 logger = logging.getLogger("peft_vision_ext.train.protocol")
@@ -526,7 +526,7 @@ class Protocol:
 
     def write(self, results: Mapping[str, Any], table: str) -> None:
         """``results.json`` and ``results.md`` in the output folder, each replaced in one step."""
-        atomic_write_text(os.path.join(self.output_dir, "results.json"), json.dumps(_json_safe(results), indent=2))
+        atomic_write_text(os.path.join(self.output_dir, "results.json"), json.dumps(json_safe(results), indent=2))
         atomic_write_text(os.path.join(self.output_dir, "results.md"), table)
 
 

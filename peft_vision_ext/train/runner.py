@@ -389,14 +389,14 @@ def _base_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities as None (strict JSON), tuples as lists, other objects as text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if value is None or isinstance(value, (bool, int, str)):
         return value
     return str(value)
@@ -782,7 +782,7 @@ def execute(plan: Plan, argv: Sequence[str] = ()) -> dict[str, Any]:
     if main_process and args.method.rank_keep_fraction is not None:
         extra["ranked"] = _rank(model, plan)
     train_metrics = {key: value for key, value in train_output.metrics.items() if isinstance(value, (int, float))}
-    results = _json_safe(_results(plan, training_args, evaluation, train_metrics, extra, argv))
+    results = json_safe(_results(plan, training_args, evaluation, train_metrics, extra, argv))
     if main_process:
         atomic_write_text(os.path.join(plan.output_dir, RESULTS_NAME), json.dumps(results, indent=2))
     trainer.accelerator.wait_for_everyone()
@@ -793,7 +793,7 @@ def execute(plan: Plan, argv: Sequence[str] = ()) -> dict[str, Any]:
 
     if args.method.merge:
         if main_process:
-            results["merged"] = _json_safe(_merge(model, plan))
+            results["merged"] = json_safe(_merge(model, plan))
             atomic_write_text(os.path.join(plan.output_dir, RESULTS_NAME), json.dumps(results, indent=2))
         trainer.accelerator.wait_for_everyone()
     if main_process:
