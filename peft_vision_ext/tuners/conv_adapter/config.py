@@ -43,7 +43,9 @@ class ConvAdapterConfig(CheckedLoadingMixin, PeftConfig):
         freeze_bn_stats (`bool`):
             Keep every frozen BatchNorm layer of the base model in eval mode while the model trains, so that its
             running statistics stay those of the pretrained model (peft does not save them: peft issue 1732).
-            Trainable BatchNorms (adapters, ``modules_to_save``) still update theirs.
+            Trainable BatchNorms (adapters, ``modules_to_save``) still update theirs. Plain ``nn.BatchNorm1d/2d/3d``
+            also get a subclass whose frozen eval-mode backward keeps no activation (`frozen_bn.py`); their class is
+            restored by ``merge_and_unload``/``unload``.
         modules_to_save (`Optional[list[str]]`):
             Modules trained in full and saved with the adapter, such as a new segmentation head.
         auto_target_modules (`bool`):
