@@ -78,7 +78,7 @@ class DataArguments:
     )
     source_train_samples: int = field(default=320, metadata={"help": "Source training scenes."})
     target_train_samples: int = field(
-        default=96, metadata={"help": "Training scenes per target domain (validation is carved out of them)."}
+        default=80, metadata={"help": "Training scenes per target domain (validation is carved out of them)."}
     )
     test_samples: int = field(default=64, metadata={"help": "Test scenes per domain."})
     scene_seed: int = field(default=0, metadata={"help": "Seed of the scene generator and of the validation carve."})
