@@ -175,3 +175,21 @@ def test_frozen_batchnorm_training_compiles_to_one_graph():
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_parameters_held_as_plain_tensors_still_count_as_trainable():
+    """FSDP without `use_orig_params` sets a module's weight to a plain view of its flat parameter: `parameters()` no
+    longer lists it, but it needs a gradient. Such a BN must not be treated as frozen (no eval switch, gradients)."""
+    bn = _bn(nn.BatchNorm2d)
+    protect_frozen_batchnorm(nn.Sequential(bn))
+    flat = torch.cat([bn.weight.detach(), bn.bias.detach()]).requires_grad_(True)
+    del bn._parameters["weight"], bn._parameters["bias"]
+    bn.weight, bn.bias = flat[:5], flat[5:]
+    assert not list(bn.parameters())
+    x = torch.randn(3, 5, 4, 4, requires_grad=True)
+    bn.train()
+    bn(x)
+    assert bn.training  # the guard left it in train mode: it is trainable
+    bn.eval()
+    bn(x).sum().backward()
+    assert flat.grad is not None and flat.grad.abs().sum() > 0

@@ -50,7 +50,10 @@ class FrozenBatchNormFunction(torch.autograd.Function):
 
 
 def _is_frozen(module: nn.Module) -> bool:
-    return not any(p.requires_grad for p in module.parameters(recurse=False))
+    # The attributes, not `parameters()`: FSDP without `use_orig_params` replaces them by plain views of its flat
+    # parameter, which `parameters()` no longer lists but which still require grad.
+    tensors = (getattr(module, "weight", None), getattr(module, "bias", None))
+    return not any(t is not None and t.requires_grad for t in tensors)
 
 
 class _ProtectedBatchNorm:
