@@ -16,9 +16,10 @@ What is measured, per encoder (default ``resnet18`` and ``vgg19_bn``, ``num_labe
   Function of ``tuners/conv_adapter/_autograd.py``), ``bn_adapter`` (the same with ``adapter_type="bn"``),
   ``conv_adapter_ckpt`` (conv adapters with the U-Net's gradient checkpointing on), ``conv_adapter_plain_bn`` (conv
   adapters with the base's frozen BatchNorms run by PyTorch's own class, which keeps their input for backward,
-  instead of ``frozen_bn.py``'s), ``lora`` (stock peft LoRA on the same convs, same head) and ``adapter_floor`` (no adapters: the base frozen with its BatchNorms in eval mode, only
-  the first conv's weight and the segmentation head trainable, so that backward still runs through the whole
-  network: what a step with adapters that cost nothing would cost).
+  instead of ``frozen_bn.py``'s), ``lora`` (stock peft LoRA on the same convs, same head) and ``adapter_floor`` (no
+  adapters: the base frozen with its BatchNorms in eval mode, only the first conv's weight and the segmentation head
+  trainable, so that backward still runs through the whole network: what a step with adapters that cost nothing
+  would cost).
 * **Stock LoRA**: ``LoraConfig(r=r, lora_alpha=r, lora_dropout=0, target_modules=<the convs the conv adapters
   adapt>, modules_to_save=["segmentation_head"])`` with one ``r`` for all layers, chosen so that LoRA's adapter
   parameters (``r (C_in k_h k_w + C_out)`` per conv) match the conv adapters' as closely as one ``r`` can. Per-round
@@ -108,6 +109,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import peft_vision_ext  # noqa: E402,F401  (registers ConvAdapterConfig with peft)
 from peft_vision_ext import ConvAdapterConfig  # noqa: E402
 from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
+from peft_vision_ext.tuners.conv_adapter.frozen_bn import restore_batchnorm_classes  # noqa: E402
 from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer  # noqa: E402
 
 from timing import (  # noqa: E402  (a sibling module: this script's folder is on sys.path)
@@ -213,17 +215,6 @@ def build_floor(base: nn.Module) -> nn.Module:
     return model
 
 
-def plain_frozen_batchnorms(model: nn.Module) -> None:
-    """Give the protected BatchNorms their PyTorch class back, keeping the eval-mode guard: frozen BNs then save their
-    input for backward, as before ``frozen_bn.py``."""
-    from peft_vision_ext.tuners.conv_adapter.frozen_bn import _UNPROTECTED
-
-    for module in model.modules():
-        plain = _UNPROTECTED.get(type(module))
-        if plain is not None:
-            module.__class__ = plain
-
-
 def build_inference_variants(base: nn.Module, device: torch.device, r: int) -> dict[str, nn.Module]:
     """The inference variants; the two unfused ones are copies of one adapter model (fold switched)."""
     unfused = build_peft(base, init_weights=False).eval()
@@ -264,7 +255,7 @@ def build_training_variant(name: str, base: nn.Module, r: int) -> nn.Module:
         model.gradient_checkpointing_enable()
     elif name == "conv_adapter_plain_bn":  # the base's frozen BatchNorms as PyTorch runs them (they keep their input)
         model = build_peft(base, "conv")
-        plain_frozen_batchnorms(model)
+        restore_batchnorm_classes(model)
     elif name == "lora":
         model = build_lora(base, r)
     elif name == "adapter_floor":

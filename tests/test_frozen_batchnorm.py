@@ -50,7 +50,12 @@ def _saved_bytes(fn, model=None):
 
 @pytest.mark.parametrize(
     "cls, shape",
-    [(nn.BatchNorm1d, (4, 5)), (nn.BatchNorm1d, (4, 5, 7)), (nn.BatchNorm2d, (3, 5, 6, 7)), (nn.BatchNorm3d, (2, 5, 3, 4, 5))],
+    [
+        (nn.BatchNorm1d, (4, 5)),
+        (nn.BatchNorm1d, (4, 5, 7)),
+        (nn.BatchNorm2d, (3, 5, 6, 7)),
+        (nn.BatchNorm3d, (2, 5, 3, 4, 5)),
+    ],
 )
 def test_frozen_eval_batchnorm_equals_pytorch_and_keeps_no_activation(cls, shape):
     plain = _bn(cls).eval().requires_grad_(False)
@@ -144,7 +149,7 @@ def test_conv_adapter_training_keeps_fewer_activations_with_the_same_gradients()
         for module in model.modules():  # what the guard does, by hand for the unprotected model
             if isinstance(module, nn.BatchNorm2d) and not any(p.requires_grad for p in module.parameters()):
                 module.eval()
-        out, saved = _saved_bytes(lambda: model(pixel_values=x, labels=labels), model)
+        out, saved = _saved_bytes(lambda model=model: model(pixel_values=x, labels=labels), model)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results[protected] = (out.loss.detach(), saved, grads)
@@ -154,14 +159,18 @@ def test_conv_adapter_training_keeps_fewer_activations_with_the_same_gradients()
     assert grads.keys() == plain_grads.keys()
     for name in grads:  # ill-conditioned (see x), so compared in float64: within 1e-9 of each largest entry
         scale = plain_grads[name].abs().max().item()
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=0, atol=1e-9 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name], plain_grads[name], rtol=0, atol=1e-9 * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_frozen_batchnorm_training_compiles_to_one_graph():
     import torch._dynamo as dynamo
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _bn(nn.BatchNorm2d, 4), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), _bn(nn.BatchNorm2d, 4), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)
+    )
     model[1].requires_grad_(False)
     protect_frozen_batchnorm(model)
     model.train()
@@ -174,7 +183,7 @@ def test_frozen_batchnorm_training_compiles_to_one_graph():
     assert not model[1].training
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_parameters_held_as_plain_tensors_still_count_as_trainable():

@@ -89,7 +89,10 @@ def test_recipe_defaults_replace_the_protocol_defaults_for_flags_and_settings_fi
     )
     assert protocol_args.learning_rates == [1e-3, 1e-2] and protocol_args.seeds == 2
     _, (protocol_args, _) = parse_recipe_args(
-        (ProtocolArguments, TrainingArguments), flags + ["--seeds", "4"], default_output_dir="unused", defaults=defaults
+        (ProtocolArguments, TrainingArguments),
+        flags + ["--seeds", "4"],
+        default_output_dir="unused",
+        defaults=defaults,
     )
     assert protocol_args.seeds == 4 and protocol_args.learning_rates == [1e-3, 1e-2]  # a flag still wins
     settings = tmp_path / "s.json"
@@ -100,7 +103,10 @@ def test_recipe_defaults_replace_the_protocol_defaults_for_flags_and_settings_fi
     assert protocol_args.learning_rates == [5e-4] and protocol_args.seeds == 2  # the file wins where it says
     with pytest.raises(ValueError, match="no recipe dataclass has: \\['learning_rate_grid'\\]"):
         parse_recipe_args(
-            (ProtocolArguments, TrainingArguments), flags, default_output_dir="unused", defaults={"learning_rate_grid": 1}
+            (ProtocolArguments, TrainingArguments),
+            flags,
+            default_output_dir="unused",
+            defaults={"learning_rate_grid": 1},
         )
 
 

@@ -45,7 +45,7 @@ from transformers import HfArgumentParser
 
 from .._files import atomic_directory, atomic_write_text, check_output_dir
 from .arguments import train_args_from_dict
-from .runner import Plan, json_safe, evaluate_split, execute, prepare_run
+from .runner import Plan, evaluate_split, execute, json_safe, prepare_run
 
 
 logger = logging.getLogger("peft_vision_ext.train.protocol")

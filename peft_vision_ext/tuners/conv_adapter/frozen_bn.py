@@ -13,8 +13,8 @@ sums whether asked or not). So `protect_frozen_batchnorm` also turns each plain 
 matching ``Protected*`` subclass (the same module, state dict and ``isinstance``; only the class changes, back again
 on `unprotect_frozen_batchnorm`). Its forward is PyTorch's, bit for bit, and when the module is frozen, in eval mode
 and its input needs a gradient, runs through `FrozenBatchNormFunction`, whose backward is ``grad_y * s``: nothing
-saved but ``s`` (one value per channel). Under conv adapters this frees one activation per conv-BN pair, the largest
-part of the step's peak memory that the adapters themselves do not cause (see BENCHMARKS.md).
+saved but ``s`` (one value per channel). Under conv adapters this frees one activation per conv-BN pair (111 MiB of
+a resnet18 U-Net's training peak at 256 px, batch 4; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ class ProtectedBatchNorm3d(_ProtectedBatchNorm, nn.BatchNorm3d):
 
 
 # Exact classes only: a subclass (timm's BatchNormAct2d, SyncBatchNorm, ...) may compute something else in forward.
-_PROTECTED = {nn.BatchNorm1d: ProtectedBatchNorm1d, nn.BatchNorm2d: ProtectedBatchNorm2d, nn.BatchNorm3d: ProtectedBatchNorm3d}
+_PROTECTED = {
+    nn.BatchNorm1d: ProtectedBatchNorm1d,
+    nn.BatchNorm2d: ProtectedBatchNorm2d,
+    nn.BatchNorm3d: ProtectedBatchNorm3d,
+}
 _UNPROTECTED = {protected: plain for plain, protected in _PROTECTED.items()}
 PLAIN_BATCHNORM2D = (nn.BatchNorm2d, ProtectedBatchNorm2d)
 
@@ -129,12 +133,20 @@ def protect_frozen_batchnorm(model: nn.Module) -> None:
         freeze_frozen_batchnorm(model)
 
 
+def restore_batchnorm_classes(model: nn.Module) -> None:
+    """Give every ``Protected*`` BatchNorm of ``model`` its PyTorch class back (the eval-mode guard stays): frozen BNs
+    then save their input for backward again."""
+    for module in model.modules():
+        plain = _UNPROTECTED.get(type(module))
+        if plain is not None:
+            module.__class__ = plain
+
+
 def unprotect_frozen_batchnorm(model: nn.Module) -> None:
+    """Undo `protect_frozen_batchnorm`: remove the guards and restore the BatchNorm classes."""
     for module in model.modules():
         handle = getattr(module, "_peft_vision_bn_guard", None)
         if handle is not None:
             handle.remove()
             del module._peft_vision_bn_guard
-        plain = _UNPROTECTED.get(type(module))
-        if plain is not None:
-            module.__class__ = plain
+    restore_batchnorm_classes(model)
