@@ -120,8 +120,10 @@ def measure_memory(
 # --------------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------------
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def make_optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters. ``fused=True`` is ``transformers.Trainer``'s default optimizer with
+    torch >= 2.8 (``optim="adamw_torch_fused"``); None is torch's own default (a per-tensor loop on CPU)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
