@@ -71,7 +71,7 @@ over the post-import baseline, and the peak RSS during the call over that baseli
 including allocator and oneDNN overheads).
 
 Usage (the JSON goes to ``--output``, ``--markdown`` prints the tables). The figures of ``BENCHMARKS.md`` (256 px,
-batch 4, 10 inference and 6 training rounds: about 10 min on a 2-core Zen 4 VM, three quarters of it vgg19_bn), other
+batch 4, 10 inference and 6 training rounds: about 9 min on the 2-core VMs, three quarters of it vgg19_bn), other
 batch sizes, the RSS cross-check (about as long) and a CUDA run::
 
     python benchmarks/bench_conv_adapter.py --size 256 --batch-sizes 4 --train-batch-sizes 4 --repeats 10 \
