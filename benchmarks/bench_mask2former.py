@@ -30,7 +30,10 @@ classes, fixed seed), the same for every variant.
 Timing method (the helpers of ``timing.py``, shared with ``bench_conv_adapter.py``): every variant of a group is
 built up front, runs ``--warmup`` untimed calls (training: these create the AdamW state) and one memory-tracked call;
 then ``--repeats`` rounds run the variants round-robin, the order rotated every round, so that drifts of the machine
-hit every variant alike. Each call is timed on wall time and on the process's CPU time (all threads). Reported: median [IQR] over the
+hit every variant alike. Each call is timed on wall time and on the process's CPU time (all threads). As in
+``bench_conv_adapter.py`` (whose docstring says why): OpenMP's wait policy is left to the environment, and training
+steps use ``AdamW(fused=True)``, ``transformers.Trainer``'s default optimizer (figures before 2026-12-02 were measured
+with ``OMP_WAIT_POLICY=PASSIVE`` and torch's per-tensor AdamW). Reported: median [IQR] over the
 rounds, and the median [IQR] of the per-round ratios to the reference (``full``, resp. ``base``). Memory is the peak
 of tensor memory during one call: on CPU, the static tensors (parameters, gradients, buffers, AdamW state, batch)
 plus the peak of the tensors the call creates, counted by a dispatch mode; on CUDA, the caching allocator's peak, each
@@ -64,22 +67,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
+import transformers
+from peft import get_peft_model
+from torch import nn
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning (see bench_conv_adapter.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import peft_vision_ext  # noqa: F401  (registers the seed-001 tuners with peft)
+from peft_vision_ext import DeformableLoRAConfig, SeqAdapterConfig
+from peft_vision_ext.models import mask2former_parts, small_mask2former_config
 
-import peft  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # noqa: E402
-
-import peft_vision_ext  # noqa: E402,F401  (registers the seed-001 tuners with peft)
-from peft_vision_ext import DeformableLoRAConfig, SeqAdapterConfig  # noqa: E402
-from peft_vision_ext.models import mask2former_parts, small_mask2former_config  # noqa: E402
-
-from timing import (  # noqa: E402  (a sibling module: this script's folder is on sys.path)
+from timing import (  # (a sibling module: this script's folder is on sys.path)
     MIB,
     count_params,
     interleaved_times,
@@ -350,7 +349,7 @@ def bench_training(base: nn.Module, args: argparse.Namespace, device: torch.devi
     counts = {name: parameter_counts(model, base_total) for name, model in models.items()}
 
     def make_call(model: nn.Module) -> tuple[Callable[[], None], torch.optim.Optimizer]:
-        optimizer = make_optimizer(model)
+        optimizer = make_optimizer(model, fused=True)
         return training_step(model, optimizer, batch), optimizer
 
     report, _ = measure_group(models, make_call, args, device, batch_tensors(batch), "full")
@@ -508,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "optimizer": "torch.optim.AdamW(lr=1e-4, fused=True)",
         },
         "results": {
             "parameters": {
