@@ -116,6 +116,7 @@ from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer
 
 from timing import (  # (a sibling module: this script's folder is on sys.path)
     MIB,
+    OPTIMIZER,
     count_params,
     interleaved_times,
     log,
@@ -350,7 +351,7 @@ def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
         model = build_training_variant(spec["variant"], base, spec["lora_r"])
         del base
         labels = torch.randint(0, NUM_LABELS, (batch_size, size, size))
-        call = training_step(model, make_optimizer(model, fused=True), x, labels)
+        call = training_step(model, make_optimizer(model), x, labels)
         calls = spec["warmup"] + 1
     for _ in range(max(calls, 1)):
         call()
@@ -497,7 +498,7 @@ def bench_encoder(encoder: str, args: argparse.Namespace, device: torch.device) 
         steps, memory = {}, {}
         for name in TRAINING_VARIANTS:
             model = build_training_variant(name, base, r).to(device)
-            optimizer = make_optimizer(model, fused=True)
+            optimizer = make_optimizer(model)
             steps[name] = training_step(model, optimizer, x, labels)
             for _ in range(max(args.warmup, 1)):
                 steps[name]()
@@ -745,7 +746,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "optimizer": "torch.optim.AdamW(lr=1e-4, fused=True)",
+            "optimizer": OPTIMIZER,
         },
         "results": {},
     }

@@ -80,6 +80,7 @@ from peft_vision_ext.models import mask2former_parts, small_mask2former_config
 
 from timing import (  # (a sibling module: this script's folder is on sys.path)
     MIB,
+    OPTIMIZER,
     count_params,
     interleaved_times,
     log,
@@ -349,7 +350,7 @@ def bench_training(base: nn.Module, args: argparse.Namespace, device: torch.devi
     counts = {name: parameter_counts(model, base_total) for name, model in models.items()}
 
     def make_call(model: nn.Module) -> tuple[Callable[[], None], torch.optim.Optimizer]:
-        optimizer = make_optimizer(model, fused=True)
+        optimizer = make_optimizer(model)
         return training_step(model, optimizer, batch), optimizer
 
     report, _ = measure_group(models, make_call, args, device, batch_tensors(batch), "full")
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "optimizer": "torch.optim.AdamW(lr=1e-4, fused=True)",
+            "optimizer": OPTIMIZER,
         },
         "results": {
             "parameters": {
