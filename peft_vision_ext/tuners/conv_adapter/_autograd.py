@@ -123,9 +123,11 @@ def fold_kernel(weight: torch.Tensor, centres: list[torch.Tensor], dtype: torch.
     ``weight`` is untouched."""
     kh, kw = weight.shape[-2:]
     folded = weight.to(centres[0].dtype, copy=True)
+    # The centre tap as a view; `add_` on it touches C_out x C_in/g entries instead of building a padded k x k delta
+    # (and, unlike `folded[:, :, i, j] += centre`, does not copy the view back onto itself afterwards).
+    tap = folded.select(3, kw // 2).select(2, kh // 2)
     for centre in centres:
-        # In place on the copy: touches C_out x C_in/g entries instead of building a padded k x k delta.
-        folded[:, :, kh // 2, kw // 2] += centre
+        tap.add_(centre)
     return folded.to(dtype)
 
 
