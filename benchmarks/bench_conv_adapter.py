@@ -117,7 +117,9 @@ from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer
 from timing import (  # (a sibling module: this script's folder is on sys.path)
     MIB,
     OPTIMIZER,
+    add_denormal_argument,
     count_params,
+    flush_denormals,
     interleaved_times,
     log,
     machine_info,
@@ -704,6 +706,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-only", action="store_true", help="only the RSS cross-check (no timing, no FLOPs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, size 64, batch 1, train batch 2")
     parser.add_argument("--rss-worker", default=None, help=argparse.SUPPRESS)
+    add_denormal_argument(parser)
     args = parser.parse_args(argv)
     quick = args.quick
     args.size = args.size or (64 if quick else 256)
@@ -719,6 +722,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    flushed = flush_denormals(args.keep_denormals)
     warnings.filterwarnings("ignore")
     if args.rss_worker is not None:
         print(json.dumps(rss_worker(json.loads(args.rss_worker))))
@@ -747,6 +751,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "optimizer": OPTIMIZER,
+            "flush_denormal": flushed,
         },
         "results": {},
     }

@@ -81,7 +81,9 @@ from peft_vision_ext.models import mask2former_parts, small_mask2former_config
 from timing import (  # (a sibling module: this script's folder is on sys.path)
     MIB,
     OPTIMIZER,
+    add_denormal_argument,
     count_params,
+    flush_denormals,
     interleaved_times,
     log,
     machine_info,
@@ -461,6 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default="benchmarks/results/mask2former_cpu_256.json")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown on stdout")
     parser.add_argument("--quick", action="store_true", help="smoke run: small Mask2Former, 64 px, 1 round")
+    add_denormal_argument(parser)
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.quick else 256)
     args.repeats = args.repeats or (1 if args.quick else 5)
@@ -475,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    flushed = flush_denormals(args.keep_denormals)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -509,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "optimizer": OPTIMIZER,
+            "flush_denormal": flushed,
         },
         "results": {
             "parameters": {

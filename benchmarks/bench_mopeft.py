@@ -8,6 +8,9 @@ All variants are timed side by side in one process, interleaved round-robin with
 drifts of the machine hit every variant alike). Reported per variant: median [IQR] of the per-round ratios to the
 reference (the base model for inference, full fine-tuning for training), on process CPU time (all threads) and wall
 time. Memory is the peak of tensor storages alive at once (CPU: counted by a dispatch mode; CUDA: the allocator).
+Training steps use ``timing.make_optimizer`` (``AdamW(fused=True)``, ``transformers.Trainer``'s default optimizer);
+figures before 2026-12-02 were measured with torch's default per-tensor AdamW, whose optimizer step on CPU costs full
+fine-tuning several times what the fused one does.
 
     python benchmarks/bench_mopeft.py --size 256 --repeats 20 --output benchmarks/results/mopeft_cpu_256.json --markdown
     python benchmarks/bench_mopeft.py --size 1024 --skip-training --output benchmarks/results/mopeft_cpu_1024.json
@@ -20,9 +23,10 @@ import argparse
 import copy
 import json
 import os
-import platform
+import sys
+import time
 from collections.abc import Callable
-from datetime import date
+from datetime import datetime, timezone
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -33,7 +37,18 @@ from peft_vision_ext import MoPEFTConfig
 from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
 from peft_vision_ext.tuners.mopeft.layer import named_mopeft_layers
 
-from timing import interleaved_times, measure_memory, summarize, synchronizer, timing_report  # a sibling module
+from timing import (  # a sibling module
+    OPTIMIZER,
+    add_denormal_argument,
+    flush_denormals,
+    interleaved_times,
+    machine_info,
+    make_optimizer,
+    measure_memory,
+    summarize,
+    synchronizer,
+    timing_report,
+)
 
 
 METHODS = {
@@ -86,7 +101,7 @@ def inference_call(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 def training_call(model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = make_optimizer(model)
 
     def call():
         optimizer.zero_grad(set_to_none=True)
@@ -176,7 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default=None)
     parser.add_argument("--quick", action="store_true", help="a small SAM instead of ViT-B (smoke test)")
     parser.add_argument("--markdown", action="store_true", help="also print the markdown table of BENCHMARKS.md")
+    add_denormal_argument(parser)
     args = parser.parse_args(argv)
+    flushed = flush_denormals(args.keep_denormals)
+    start, load_start = time.time(), os.getloadavg()[0]
     device = torch.device(args.device)
     base = build_base(args.size, args.attn, args.quick).to(device)
     total = sum(p.numel() for p in base.parameters())
@@ -210,9 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
     models["stock_peft_lora_qkv"] = stock_lora(base).to(device).eval()
 
     result: dict = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}",
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "command": "python " + " ".join([os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_info(device),
+        "optimizer": OPTIMIZER,
+        "flush_denormal": flushed,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "architecture": "small SAM (--quick)" if args.quick else "SAM ViT-B",
         "size": args.size,
@@ -278,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_ratio_vs_full": memory[name]["peak_bytes"] / memory["full_ft"]["peak_bytes"],
             }
         result["lora_vs_stock_peft_training"] = paired_ratio(result["training"], "lora", "stock_peft_lora_qkv")
+    result["wall_s"] = time.time() - start
+    result["load_average_1m_start_end"] = [load_start, os.getloadavg()[0]]
     text = json.dumps(result, indent=2)
     print(text)
     if args.markdown:

@@ -130,6 +130,32 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
 
+def add_denormal_argument(parser: Any) -> None:
+    """``--keep-denormals``: time with subnormal floats computed as such (by default the scripts flush them to zero,
+    see ``flush_denormals``)."""
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush subnormal floats to zero (the default flushes: randomly initialised models backpropagate "
+        "subnormal gradients that trained ones do not, and x86 CPUs compute with them many times slower)",
+    )
+
+
+def flush_denormals(keep: bool = False) -> bool:
+    """Flush subnormal floats to zero (``torch.set_flush_denormal``) unless ``keep``; return whether they are flushed.
+
+    The benchmarks build their models with random weights. In SAM ViT-B the gradient that reaches the image encoder
+    through a random mask decoder is so small that the encoder's backward runs on subnormal numbers (about 18,000
+    subnormal gradient entries per step at 256 px), which x86 cores compute with a microcode assist per operation: on
+    the 2-core Intel VM a full fine-tuning step took 10.2 s of CPU time with them and 2.0 s flushed. Fine-tuning a
+    trained checkpoint does not produce such gradients, so timing them would measure the random initialisation, not
+    the methods. The U-Nets of ``bench_conv_adapter.py`` are not affected (same times either way)."""
+    if keep:
+        torch.set_flush_denormal(False)
+        return False
+    return bool(torch.set_flush_denormal(True))  # False where the CPU cannot flush (then nothing changed)
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

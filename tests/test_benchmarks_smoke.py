@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +56,22 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(output.read_text())
 
 
+def _assert_user_settings(meta: dict) -> None:
+    """The recorded settings of a benchmark run: Trainer's fused AdamW, and subnormals flushed on x86 (where
+    ``torch.set_flush_denormal`` works), since random weights backpropagate subnormal gradients (``timing.py``)."""
+    assert "fused=True" in meta["optimizer"]
+    assert "omp_wait_policy" in meta
+    assert isinstance(meta["flush_denormal"], bool)
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert meta["flush_denormal"] is True
+
+
 def test_quick_benchmark_json_shape(quick_results: dict) -> None:
     meta = quick_results["meta"]
     assert meta["quick"] is True and meta["size"] == 64 and meta["repeats"] == 1
     for key in ("command", "machine", "batch_sizes", "train_batch_sizes", "memory_method", "wall_s"):
         assert key in meta
+    _assert_user_settings(meta)
     result = quick_results["results"]["resnet18"]
     assert set(result) >= {"params", "flops", "inference", "training", "fold_only"}
     assert set(result["fold_only"]) >= {"wall", "cpu"}
@@ -131,6 +143,7 @@ def test_mopeft_benchmark_quick_runs_and_prunes_to_a_merged_model(tmp_path) -> N
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(output.read_text())
     assert result["architecture"] == "small SAM (--quick)"
+    _assert_user_settings(result)
     methods = ("lora", "vpt", "vpt_deep", "adapter", "mopeft")
     shares = result["trainable_percent"]
     assert all(0 < shares[m] < 100 for m in methods)
@@ -185,6 +198,7 @@ def test_mask2former_benchmark_json_shape(mask2former_quick: dict) -> None:
         assert key in meta
     assert meta["machine"]["torch_threads"] >= 1
     assert set(meta["versions"]) >= {"torch", "transformers", "peft"}
+    _assert_user_settings(meta)
     results = mask2former_quick["results"]
     assert set(results["parameters"]["parts"]) == {"backbone", "pixel_decoder", "transformer_decoder", "heads"}
     assert sum(results["parameters"]["parts"].values()) == results["parameters"]["base"]
