@@ -8,8 +8,11 @@ import math
 import os
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import TrainingArguments
 
+from peft_vision_ext.models import UNetConfig, UNetForSemanticSegmentation
 from peft_vision_ext.train import parse_train_args, prepare_run, train_args_from_dict
 from peft_vision_ext.train.arguments import UsageError
 from peft_vision_ext.train.protocol import (
@@ -263,3 +266,24 @@ def test_compare_selects_the_rate_on_validation_and_aggregates_the_seeds(tmp_pat
     assert (kept / "adapter_model.safetensors").is_file()
     assert json.loads((kept / "results.json").read_text())["train"]["epoch"] > 0
     assert os.path.isdir(tmp_path / "mars" / "conv" / f"lr{chosen}-seed6")
+
+
+def test_pretrain_seeds_before_building_the_source_model(tmp_path):
+    """``Protocol.pretrain`` builds the source model itself, after setting the protocol's seed: whatever the process's
+    random state before (torch seeds every process differently), the source checkpoint is the same. A model passed
+    in, built before the seed, is refused."""
+    training = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, seed=3, max_steps=1)
+    settings = {"image_size": 32, "max_train_samples": 4, "max_eval_samples": 2, "data_split_seed": 0}
+    config = UNetConfig(encoder_name="test_resnet", num_labels=3, decoder_channels=[32, 16, 16, 8, 8])
+    weights = []
+    for state in (1, 2):
+        protocol = Protocol(str(tmp_path / f"p{state}"), training, ProtocolArguments(), data_settings=settings)
+        torch.manual_seed(state)  # a process's random state before the recipe starts (no seeding in the builder)
+        directory, _ = protocol.pretrain(
+            lambda: UNetForSemanticSegmentation(config), "embedded:rocks/source", learning_rate=1e-3, epochs=1
+        )
+        weights.append(load_file(os.path.join(directory, "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    with pytest.raises(TypeError, match="takes a function that builds the fresh source model, got a UNetFor"):
+        protocol.pretrain(make_unet("test_resnet"), "embedded:rocks/source", learning_rate=1e-3, epochs=1)

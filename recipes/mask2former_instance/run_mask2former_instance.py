@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     if source_dir is None:
         config = small_mask2former_config(id2label=ROCK_INSTANCE_LABELS, **dataclasses.asdict(model_args))
         source_dir, source = protocol.pretrain(
-            Mask2FormerForUniversalSegmentation(config),
+            lambda: Mask2FormerForUniversalSegmentation(config),
             f"embedded:rock_instances/{data_args.source_domain}",
             learning_rate=peft_args.pretrain_learning_rate,
             epochs=peft_args.pretrain_epochs,

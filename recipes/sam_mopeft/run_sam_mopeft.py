@@ -209,10 +209,10 @@ def pretrain(protocol: Protocol, model_args: ModelArguments, data_args: DataArgu
     """Step 1: a fresh small SAM trained in full on the source domain. Returns the checkpoint directory, the source
     run's results and the parameter count of the image encoder (for the encoder's trainable share)."""
     config = small_sam_config(num_labels=len(ROCK_LABELS), id2label=ROCK_LABELS, **dataclasses.asdict(model_args))
-    source = SamForSemanticSegmentation(config)
-    encoder_parameters = sum(p.numel() for p in source.vision_encoder.parameters())
+    with torch.device("meta"):  # the shapes only: no memory, no random numbers drawn
+        encoder_parameters = sum(p.numel() for p in SamForSemanticSegmentation(config).vision_encoder.parameters())
     source_dir, results = protocol.pretrain(
-        source,
+        lambda: SamForSemanticSegmentation(config),
         f"embedded:rocks/{data_args.source_domain}",
         learning_rate=args.pretrain_learning_rate,
         epochs=args.pretrain_epochs,

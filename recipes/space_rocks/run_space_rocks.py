@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             label2id={v: k for k, v in labels.items()},
         )
         source_dir, source = protocol.pretrain(
-            UNetForSemanticSegmentation(config),
+            lambda: UNetForSemanticSegmentation(config),
             "embedded:rocks/source",
             learning_rate=args.pretrain_learning_rate,
             epochs=args.pretrain_epochs,
