@@ -145,8 +145,8 @@ def flush_denormals(keep: bool = False) -> bool:
     """Flush subnormal floats to zero (``torch.set_flush_denormal``) unless ``keep``; return whether they are flushed.
 
     The benchmarks build their models with random weights. In SAM ViT-B the gradient that reaches the image encoder
-    through a random mask decoder is so small that the encoder's backward runs on subnormal numbers (about 18,000
-    subnormal gradient entries per step at 256 px), which x86 cores compute with a microcode assist per operation: on
+    through a random mask decoder is so small that the encoder's backward runs on subnormal numbers (subnormal
+    gradients through all 24 LayerNorms, about 18,000 subnormal entries in one step's parameter gradients at 256 px), which x86 cores compute with a microcode assist per operation: on
     the 2-core Intel VM a full fine-tuning step took 10.2 s of CPU time with them and 2.0 s flushed. Fine-tuning a
     trained checkpoint does not produce such gradients, so timing them would measure the random initialisation, not
     the methods. The U-Nets of ``bench_conv_adapter.py`` are not affected (same times either way)."""
