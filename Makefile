@@ -1,5 +1,5 @@
 # peft-vision-ext: two commands on a fresh machine.
-#   make demo   creates .venv, installs, runs the space-rocks recipe (CPU; 10 min on an idle 2-core VM), prints its table
+#   make demo   creates .venv, installs, runs the space-rocks recipe (CPU; 7-10 min on an idle 2-core VM), prints its table
 #   make test   creates .venv, installs, runs the tests
 PYTHON ?= python3
 VENV := .venv
