@@ -116,16 +116,15 @@ from peft_vision_ext.tuners.conv_adapter.layer import ConvAdapterLayer
 
 from timing import (  # (a sibling module: this script's folder is on sys.path)
     MIB,
-    OPTIMIZER,
     add_denormal_argument,
     count_params,
-    flush_denormals,
     interleaved_times,
     log,
     machine_info,
     make_optimizer,
     measure_memory,
     paired_ratio,
+    run_settings,
     spread,
     summarize,
     synchronizer,
@@ -722,7 +721,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    flushed = flush_denormals(args.keep_denormals)
+    settings = run_settings(args.keep_denormals)
     warnings.filterwarnings("ignore")
     if args.rss_worker is not None:
         print(json.dumps(rss_worker(json.loads(args.rss_worker))))
@@ -749,9 +748,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "quick": args.quick,
             "seed": args.seed,
             "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "optimizer": OPTIMIZER,
-            "flush_denormal": flushed,
+            **settings,
         },
         "results": {},
     }

@@ -80,15 +80,14 @@ from peft_vision_ext.models import mask2former_parts, small_mask2former_config
 
 from timing import (  # (a sibling module: this script's folder is on sys.path)
     MIB,
-    OPTIMIZER,
     add_denormal_argument,
     count_params,
-    flush_denormals,
     interleaved_times,
     log,
     machine_info,
     make_optimizer,
     measure_memory,
+    run_settings,
     synchronizer,
     time_cells,
     timing_report,
@@ -478,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    flushed = flush_denormals(args.keep_denormals)
+    settings = run_settings(args.keep_denormals)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -511,9 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "quick": args.quick,
             "seed": args.seed,
             "memory_method": "cuda_allocator" if device.type == "cuda" else "tensor_dispatch_tracker",
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "optimizer": OPTIMIZER,
-            "flush_denormal": flushed,
+            **settings,
         },
         "results": {
             "parameters": {

@@ -38,13 +38,12 @@ from peft_vision_ext.models import SamForSemanticSegmentation, small_sam_config
 from peft_vision_ext.tuners.mopeft.layer import named_mopeft_layers
 
 from timing import (  # a sibling module
-    OPTIMIZER,
     add_denormal_argument,
-    flush_denormals,
     interleaved_times,
     machine_info,
     make_optimizer,
     measure_memory,
+    run_settings,
     summarize,
     synchronizer,
     timing_report,
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--markdown", action="store_true", help="also print the markdown table of BENCHMARKS.md")
     add_denormal_argument(parser)
     args = parser.parse_args(argv)
-    flushed = flush_denormals(args.keep_denormals)
+    settings = run_settings(args.keep_denormals)
     start, load_start = time.time(), os.getloadavg()[0]
     device = torch.device(args.device)
     base = build_base(args.size, args.attn, args.quick).to(device)
@@ -231,9 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(timezone.utc).date().isoformat(),
         "command": "python " + " ".join([os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(device),
-        "optimizer": OPTIMIZER,
-        "flush_denormal": flushed,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        **settings,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "architecture": "small SAM (--quick)" if args.quick else "SAM ViT-B",
         "size": args.size,

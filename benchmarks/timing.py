@@ -146,14 +146,25 @@ def flush_denormals(keep: bool = False) -> bool:
 
     The benchmarks build their models with random weights. In SAM ViT-B the gradient that reaches the image encoder
     through a random mask decoder is so small that the encoder's backward runs on subnormal numbers (subnormal
-    gradients through all 24 LayerNorms, about 18,000 subnormal entries in one step's parameter gradients at 256 px), which x86 cores compute with a microcode assist per operation: on
-    the 2-core Intel VM a full fine-tuning step took 10.2 s of CPU time with them and 2.0 s flushed. Fine-tuning a
+    gradients through all 24 LayerNorms, about 18,000 subnormal entries in one step's parameter gradients at 256 px),
+    which x86 cores compute with a microcode assist per operation: on the 2-core Intel VM a full fine-tuning step took
+    10.2 s of CPU time with them and 2.0 s flushed. Fine-tuning a
     trained checkpoint does not produce such gradients, so timing them would measure the random initialisation, not
     the methods. The U-Nets of ``bench_conv_adapter.py`` are not affected (same times either way)."""
     if keep:
         torch.set_flush_denormal(False)
         return False
     return bool(torch.set_flush_denormal(True))  # False where the CPU cannot flush (then nothing changed)
+
+
+def run_settings(keep_denormals: bool = False) -> dict[str, Any]:
+    """Apply the settings a benchmark run measures under (``flush_denormals``) and return them, with the optimizer
+    and the OpenMP wait policy, for the run's JSON: ``optimizer``, ``omp_wait_policy``, ``flush_denormal``."""
+    return {
+        "optimizer": OPTIMIZER,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "flush_denormal": flush_denormals(keep_denormals),
+    }
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
